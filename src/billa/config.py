@@ -1,0 +1,90 @@
+"""Derived settings and validation: what Hydra composes is checked here once, with errors that name the keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or inconsistent; the message names the key(s) and what is expected."""
+
+
+def _positive_int(cfg: DictConfig, key: str) -> int:
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"`{key}` must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch is laid out over devices and accumulation steps."""
+
+    global_size: int
+    micro_size: int
+    devices: int
+    num_nodes: int
+    accumulation: int
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    def __str__(self) -> str:
+        return (
+            f"global batch {self.global_size} = micro {self.micro_size} x {self.devices} devices x "
+            f"{self.num_nodes} nodes x {self.accumulation} accumulation"
+        )
+
+
+def plan_batch(cfg: DictConfig) -> BatchPlan:
+    """Derive gradient accumulation from ``batch.global_size`` and the hardware, or explain why it does not divide.
+
+    Raises:
+        ConfigError: naming ``batch.global_size``, ``hardware.micro_batch_size``, ``hardware.devices`` and
+            ``hardware.num_nodes`` with the values that would divide evenly.
+    """
+    global_size = _positive_int(cfg, "batch.global_size")
+    micro = _positive_int(cfg, "hardware.micro_batch_size")
+    devices = _positive_int(cfg, "hardware.devices")
+    nodes = _positive_int(cfg, "hardware.num_nodes")
+    per_step = micro * devices * nodes
+    if global_size % per_step:
+        fitting = [m for m in range(1, global_size + 1) if global_size % (m * devices * nodes) == 0]
+        raise ConfigError(
+            f"batch.global_size={global_size} is not a multiple of hardware.micro_batch_size={micro} x "
+            f"hardware.devices={devices} x hardware.num_nodes={nodes} = {per_step}. "
+            f"With these devices, hardware.micro_batch_size may be one of {fitting or 'none'}; "
+            f"or change batch.global_size to a multiple of {per_step}."
+        )
+    return BatchPlan(global_size, micro, devices, nodes, global_size // per_step)
+
+
+def validate(cfg: DictConfig) -> BatchPlan:
+    """Check the composed training config before anything heavy starts; returns the batch plan."""
+    plan = plan_batch(cfg)
+    _positive_int(cfg, "trainer.max_steps")
+    _positive_int(cfg, "data.max_seq_length")
+    _positive_int(cfg, "val_every_n_steps")
+    mix = cfg.data.get("mix") or {}
+    if not mix:
+        raise ConfigError("`data.mix` is empty: the stage must name at least one source with a weight")
+    sources = cfg.data.get("sources") or {}
+    for name, weight in mix.items():
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            raise ConfigError(f"`data.mix.{name}` must be a positive integer weight, got {weight!r}")
+        if name not in sources:
+            raise ConfigError(
+                f"`data.mix` names source {name!r} (stage={cfg.stage_name}) but `data.sources` has no such entry; "
+                f"sources defined by this data config: {sorted(sources)}"
+            )
+    warmup = cfg.scheduler.get("warmup_steps", 0)
+    if warmup >= cfg.trainer.max_steps:
+        raise ConfigError(
+            f"`scheduler.warmup_steps`={warmup} must be smaller than `trainer.max_steps`={cfg.trainer.max_steps}"
+        )
+    return plan

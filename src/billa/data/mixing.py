@@ -1,0 +1,63 @@
+"""Mixing: BiLLa's integer-weight round robin, so that source ratios hold exactly inside every global batch.
+
+A cycle holds each source ``weight`` times, interleaved (4:4:2 -> zh en tr zh en zh en tr zh en). Sample ``i`` of the
+stream is slot ``i % len(cycle)``; within a source, samples are taken in a seeded permutation that is redrawn each
+time the source is exhausted. The stream is a pure function of ``i``, so ranks can take disjoint shares of it and a
+resumed run can start at any sample.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from billa.data.objectives import Example
+
+
+def round_robin_cycle(weights: Mapping[str, int]) -> list[str]:
+    """Interleave sources so that each appears ``weight`` times, spread evenly (smooth weighted round robin)."""
+    slots = [((k + 0.5) / w, order, name) for order, (name, w) in enumerate(weights.items()) for k in range(w)]
+    return [name for _, _, name in sorted(slots)]
+
+
+class MixedDataset(Dataset):
+    """``num_samples`` samples drawn by round robin from per-source example lists."""
+
+    def __init__(self, sources: Mapping[str, Sequence[Example]], weights: Mapping[str, int], num_samples: int, seed: int):
+        empty = [name for name in weights if not sources.get(name)]
+        if empty:
+            raise ValueError(f"sources {empty} have no usable examples; every source in data.mix needs at least one")
+        self.sources = sources
+        self.weights = dict(weights)
+        self.cycle = round_robin_cycle(self.weights)
+        # occurrence of each slot's source before it in the cycle: slot -> k-th time this source appears
+        self._rank_in_cycle = [self.cycle[:slot].count(name) for slot, name in enumerate(self.cycle)]
+        self.num_samples = num_samples
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @lru_cache(maxsize=64)  # noqa: B019 - the dataset lives as long as the run; a few permutations per source
+    def _permutation(self, name: str, epoch: int) -> np.ndarray:
+        salt = zlib.crc32(name.encode())  # stable across processes, unlike hash()
+        return np.random.default_rng([self.seed, salt, epoch]).permutation(len(self.sources[name]))
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(source name, example index within the source) of stream sample ``index``."""
+        cycle_no, slot = divmod(index, len(self.cycle))
+        name = self.cycle[slot]
+        occurrence = cycle_no * self.weights[name] + self._rank_in_cycle[slot]
+        epoch, within = divmod(occurrence, len(self.sources[name]))
+        return name, int(self._permutation(name, epoch)[within])
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        name, example_index = self.locate(index)
+        example = self.sources[name][example_index]
+        return {"input_ids": example.input_ids, "labels": example.labels, "source": name}

@@ -1,0 +1,1 @@
+"""The LightningModule around LlamaForCausalLM, model builders and the LR schedule."""

@@ -1,0 +1,123 @@
+"""BillaLM: the LightningModule around ``transformers.LlamaForCausalLM`` used by every stage."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from billa.model.builders import build_causal_lm
+
+
+class BillaLM(L.LightningModule):
+    """Full-parameter causal-LM training (no LoRA) of a LLaMA model.
+
+    Args:
+        model: ``model`` config: ``architecture`` and ``pretrained_path``.
+        vocab_size: tokenizer size.
+        optimizer: partial optimizer config (``_target_`` + ``_partial_: true``), completed with parameter groups.
+        scheduler: partial scheduler config, completed with the optimizer and ``total_steps``.
+        total_steps: optimizer steps of the run (``trainer.max_steps``), the cosine schedule's length.
+        init_from: HF directory that overrides ``model.pretrained_path`` (the previous stage's export).
+        gradient_checkpointing: recompute activations in the backward pass.
+        validate_at_start: compute and log ``val/loss`` at step 0 as the baseline.
+    """
+
+    def __init__(
+        self,
+        model: Mapping,
+        vocab_size: int,
+        optimizer: Mapping,
+        scheduler: Mapping,
+        total_steps: int,
+        init_from: str | None = None,
+        gradient_checkpointing: bool = False,
+        validate_at_start: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = None
+        self.val_loss_start: float | None = None
+
+    def configure_model(self) -> None:
+        """Build the model once (idempotent); under ZeRO-3 this runs inside the partitioning context."""
+        if self.model is not None:
+            return
+        spec = self.hparams.model
+        path = self.hparams.init_from or spec.get("pretrained_path")
+        key = "init_from" if self.hparams.init_from else "model.pretrained_path"
+        self.model = build_causal_lm(spec["architecture"], self.hparams.vocab_size, path, key)
+        if self.hparams.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+
+    def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over the label tokens of the batch (labels -100 carry no loss)."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model_step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model_step(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", torch.exp(loss.float().clamp(max=30)), sync_dist=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    @torch.no_grad()
+    def evaluate_loss(self, dataloader) -> float:
+        """Token-weighted mean loss of ``dataloader`` (used for the step-0 baseline)."""
+        was_training = self.model.training
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for batch in dataloader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.trainer.precision_plugin.forward_context():
+                loss = self.model_step(batch)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, tokens = total + float(loss) * n, tokens + n
+        self.model.train(was_training)
+        return total / max(tokens, 1)
+
+    def on_train_start(self) -> None:
+        if not (self.hparams.validate_at_start and self.global_step == 0 and self.trainer.datamodule is not None):
+            return
+        loader = self.trainer.datamodule.val_dataloader()
+        if len(loader) == 0:
+            return
+        self.val_loss_start = self.evaluate_loss(loader)
+        for logger in self.loggers:
+            logger.log_metrics({"val/loss": self.val_loss_start, "val/ppl": math.exp(min(self.val_loss_start, 30))},
+                               step=0)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            # weight decay on matrices only, not on norms (DeepSpeed ZeRO-3 params report ds_shape)
+            shape = getattr(param, "ds_shape", param.shape)
+            (decay if len(shape) >= 2 else no_decay).append(param)
+        optimizer_cfg = OmegaConf.create(dict(self.hparams.optimizer))
+        groups = [
+            {"params": decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = instantiate(optimizer_cfg, groups, _partial_=False)
+        scheduler = instantiate(OmegaConf.create(dict(self.hparams.scheduler)), optimizer,
+                                total_steps=self.hparams.total_steps, _partial_=False)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,1 @@
+"""Tokenizers: SentencePiece training, HF tokenizer directories, (later) vocabulary expansion."""
