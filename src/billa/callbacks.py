@@ -33,6 +33,7 @@ class Throughput(L.Callback):
         elapsed = time.perf_counter() - self._start
         per_device = self._tokens / elapsed
         pl_module.log("train/tokens_per_s_per_device", per_device, on_step=True, on_epoch=False)
-        pl_module.log("train/tokens_per_s", per_device * trainer.world_size, on_step=True, on_epoch=False,
-                      prog_bar=True)
+        pl_module.log(
+            "train/tokens_per_s", per_device * trainer.world_size, on_step=True, on_epoch=False, prog_bar=True
+        )
         self._tokens, self._start, self._last_step = 0, time.perf_counter(), trainer.global_step

@@ -115,8 +115,13 @@ class BillaDataModule(L.LightningDataModule):
             "no_target_after_truncation": too_long,
         }
         if too_long:
-            log.warning("%s/%s: %d records had no target token left after truncation to %d tokens; skipped",
-                        name, split, too_long, self.max_seq_length)
+            log.warning(
+                "%s/%s: %d records had no target token left after truncation to %d tokens; skipped",
+                name,
+                split,
+                too_long,
+                self.max_seq_length,
+            )
         return examples
 
     def setup(self, stage: str | None = None) -> None:
@@ -134,9 +139,19 @@ class BillaDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The stream is already mixed and permuted: no shuffle here (ranks get disjoint interleaved shares).
-        return DataLoader(self.train_set, batch_size=self.micro_batch_size, shuffle=False,
-                          collate_fn=PadCollator(self.pad_id), num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.micro_batch_size,
+            shuffle=False,
+            collate_fn=PadCollator(self.pad_id),
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.micro_batch_size, shuffle=False,
-                          collate_fn=PadCollator(self.pad_id), num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.micro_batch_size,
+            shuffle=False,
+            collate_fn=PadCollator(self.pad_id),
+            num_workers=self.num_workers,
+        )

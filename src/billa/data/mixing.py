@@ -27,7 +27,9 @@ def round_robin_cycle(weights: Mapping[str, int]) -> list[str]:
 class MixedDataset(Dataset):
     """``num_samples`` samples drawn by round robin from per-source example lists."""
 
-    def __init__(self, sources: Mapping[str, Sequence[Example]], weights: Mapping[str, int], num_samples: int, seed: int):
+    def __init__(
+        self, sources: Mapping[str, Sequence[Example]], weights: Mapping[str, int], num_samples: int, seed: int
+    ):
         empty = [name for name in weights if not sources.get(name)]
         if empty:
             raise ValueError(f"sources {empty} have no usable examples; every source in data.mix needs at least one")

@@ -101,12 +101,13 @@ class BillaLM(L.LightningModule):
             return
         self.val_loss_start = self.evaluate_loss(loader)
         for logger in self.loggers:
-            logger.log_metrics({"val/loss": self.val_loss_start, "val/ppl": math.exp(min(self.val_loss_start, 30))},
-                               step=0)
+            logger.log_metrics(
+                {"val/loss": self.val_loss_start, "val/ppl": math.exp(min(self.val_loss_start, 30))}, step=0
+            )
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
+        for param in self.model.parameters():
             if not param.requires_grad:
                 continue
             # weight decay on matrices only, not on norms (DeepSpeed ZeRO-3 params report ds_shape)
@@ -118,6 +119,10 @@ class BillaLM(L.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         optimizer = instantiate(optimizer_cfg, groups, _partial_=False)
-        scheduler = instantiate(OmegaConf.create(dict(self.hparams.scheduler)), optimizer,
-                                total_steps=self.hparams.total_steps, _partial_=False)
+        scheduler = instantiate(
+            OmegaConf.create(dict(self.hparams.scheduler)),
+            optimizer,
+            total_steps=self.hparams.total_steps,
+            _partial_=False,
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
