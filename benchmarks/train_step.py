@@ -110,6 +110,9 @@ def run_billa(items, steps, warmup, bf16, batch) -> float:
         total_steps=steps,
         validate_at_start=False,
     )
+    # billa's optimizer as train.py configures it for this precision (fused AdamW, except under Lightning AMP)
+    if not bf16:
+        module.hparams.optimizer = {**OPTIMIZER, "fused": True}
     module.model = fresh_model()
     clock = _Clock(warmup)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,21 +1,39 @@
-"""Training callbacks: throughput logging."""
+"""Training callbacks: throughput and MFU logging, ZeRO partition report."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from billa.distributed.memory import partition_report
+from billa.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls (forward + backward) + 12 L h s for attention (PaLM, App. B)."""
+    return 6.0 * n_params + 12.0 * num_layers * hidden_size * seq_len
 
 
 class Throughput(L.Callback):
-    """Logs ``train/tokens_per_s`` (all devices) and ``train/tokens_per_s_per_device``.
+    """Logs ``train/tokens_per_s``, ``train/tokens_per_s_per_device`` and ``train/mfu``.
 
-    Tokens are the non-padding input tokens of the batches; the rate is measured over the optimizer steps between
-    two logging points, so data loading and the optimizer step are included.
+    Tokens are the non-padding input tokens of this rank's batches; the rate is measured over the optimizer steps
+    between two logging points, so data loading and the optimizer step are included. MFU = achieved model FLOPs /
+    the device's peak (``hardware.peak_tflops``); activation recomputation is not counted as useful work.
     """
 
-    def __init__(self, log_every_n_steps: int = 10):
+    def __init__(
+        self, log_every_n_steps: int = 10, flops_per_token: float | None = None, peak_tflops: float | None = None
+    ):
         self.log_every_n_steps = max(1, log_every_n_steps)
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_tflops * 1e12 if peak_tflops else None
         self._tokens = 0
         self._start: float | None = None
         self._last_step = 0
@@ -27,13 +45,58 @@ class Throughput(L.Callback):
         self._tokens += int(batch["attention_mask"].sum())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        steps = trainer.global_step - self._last_step
-        if steps < self.log_every_n_steps:
+        if trainer.global_step - self._last_step < self.log_every_n_steps:
             return
-        elapsed = time.perf_counter() - self._start
-        per_device = self._tokens / elapsed
-        pl_module.log("train/tokens_per_s_per_device", per_device, on_step=True, on_epoch=False)
-        pl_module.log(
-            "train/tokens_per_s", per_device * trainer.world_size, on_step=True, on_epoch=False, prog_bar=True
-        )
+        per_device = self._tokens / (time.perf_counter() - self._start)
+        metrics = {"train/tokens_per_s_per_device": per_device, "train/tokens_per_s": per_device * trainer.world_size}
+        if self.flops_per_token and self.peak_flops:
+            metrics["train/mfu"] = per_device * self.flops_per_token / self.peak_flops
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._tokens, self._start, self._last_step = 0, time.perf_counter(), trainer.global_step
+
+
+class PartitionReport(L.Callback):
+    """Writes what each rank really holds at the start of training (``<dir>/rank<N>.json``) and logs rank 0's."""
+
+    def __init__(self, directory: str):
+        self.directory = Path(directory)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        report = partition_report(pl_module.model)
+        report.update(rank=trainer.global_rank, world_size=trainer.world_size)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+        log.info(
+            "Parameters on rank 0: a %d-element shard of %d (%d of %d tensors partitioned away)",
+            report["shard_numel"],
+            report["full_numel"],
+            report["empty_parameters"],
+            report["parameters"],
+        )
+
+
+class StopAtStep(L.Callback):
+    """Stop cleanly after optimizer step ``step`` of a longer schedule (a SLURM time slice, or a test's crash)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` every N optimizer steps that also saves at the last step (max_steps or a clean stop).
+
+    Saving from inside the training loop (not ``trainer.save_checkpoint`` after ``fit``) keeps the loop state
+    mid-epoch, so a resume continues the same data stream.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        last = trainer.global_step >= trainer.max_steps or trainer.should_stop
+        if last and self._last_global_step_saved != trainer.global_step and not trainer.fit_loop._should_accumulate():
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)

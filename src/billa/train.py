@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from billa.callbacks import Throughput
-from billa.config import BatchPlan, validate
+from billa.callbacks import PartitionReport, StepCheckpoint, StopAtStep, Throughput, flops_per_token
+from billa.config import BatchPlan, ConfigError, validate
 from billa.data.datamodule import BillaDataModule
-from billa.export import save_hf_model
+from billa.distributed.checkpoints import resolve_ckpt_path
+from billa.distributed.memory import plan_memory, zero_settings
+from billa.export import gather_state_dict, save_hf_model
+from billa.model.builders import count_parameters
 from billa.model.module import BillaLM
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger, setup_logging
@@ -30,6 +34,7 @@ def build_datamodule(cfg: DictConfig, plan: BatchPlan, tokenizer_dir: str) -> Bi
         tokenizer_dir=tokenizer_dir,
         max_seq_length=data.max_seq_length,
         micro_batch_size=plan.micro_size,
+        global_batch_size=plan.global_size,
         num_samples=cfg.trainer.max_steps * plan.global_size,
         seed=cfg.seed,
         val_max_records=data.get("val_max_records", 1000),
@@ -38,6 +43,14 @@ def build_datamodule(cfg: DictConfig, plan: BatchPlan, tokenizer_dir: str) -> Bi
         translation_extra_newline=data.get("translation_extra_newline", False),
         num_workers=cfg.hardware.num_workers,
     )
+
+
+def strategy_config(cfg: DictConfig) -> dict | None:
+    """The DeepSpeed config of the hardware's strategy (None for ``auto``/DDP)."""
+    strategy = cfg.hardware.strategy
+    if isinstance(strategy, str) or "config" not in strategy:
+        return None
+    return OmegaConf.to_container(strategy.config, resolve=True)
 
 
 def build_strategy(cfg: DictConfig, plan: BatchPlan):
@@ -51,6 +64,61 @@ def build_strategy(cfg: DictConfig, plan: BatchPlan):
     return instantiate(node, _convert_="all")
 
 
+def optimizer_config(cfg: DictConfig) -> dict:
+    """The optimizer node, adapted to the strategy and precision where a library requires it.
+
+    - ZeRO optimizer offload: torch AdamW becomes DeepSpeed's CPU Adam with the same hyperparameters (DeepSpeed
+      refuses a torch optimizer when optimizer states live on the CPU; its AVX Adam is also faster there).
+    - Lightning's mixed-precision plugin (without DeepSpeed) refuses gradient clipping with a fused optimizer,
+      so ``fused`` is dropped there.
+    """
+    node = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    ds_config = strategy_config(cfg)
+    _, offload_optimizer, _ = zero_settings(ds_config)
+    if offload_optimizer and node["_target_"] == "torch.optim.AdamW":
+        node = {**node, "_target_": "deepspeed.ops.adam.DeepSpeedCPUAdam", "adamw_mode": True}
+        node.pop("fused", None)
+        log.info("ZeRO optimizer offload: using deepspeed.ops.adam.DeepSpeedCPUAdam (AdamW mode)")
+    elif ds_config is None and "mixed" in str(cfg.hardware.precision) and node.pop("fused", None):
+        log.info(
+            "%s precision without DeepSpeed: fused AdamW off (Lightning cannot clip its gradients)",
+            cfg.hardware.precision,
+        )
+    return node
+
+
+def check_memory(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> None:
+    """Print the per-device memory plan; stop before training when it cannot fit (``memory_check: false`` skips)."""
+    hw = cfg.hardware
+    n_params = count_parameters(cfg.model.architecture, vocab_size)
+    stage, offload_optimizer, offload_parameters = zero_settings(strategy_config(cfg))
+    memory = plan_memory(
+        n_params,
+        cfg.model.architecture,
+        vocab_size,
+        plan.micro_size,
+        cfg.data.max_seq_length,
+        plan.world_size,
+        str(hw.precision),
+        stage,
+        offload_optimizer,
+        offload_parameters,
+        hw.activation_checkpointing,
+        hw.get("gpu_memory_gb"),
+    )
+    zero = "no ZeRO" if stage is None else f"ZeRO stage {stage}"
+    log.info(
+        "Memory plan: %s parameters, %s over %d ranks:\n%s", f"{n_params:,}", zero, plan.world_size, memory.table()
+    )
+    if not memory.fits and cfg.get("memory_check", True):
+        raise ConfigError(
+            f"model={cfg.model.name} with this hardware config needs ~{memory.total / 2**30:.1f} GiB per "
+            f"device but hardware.gpu_memory_gb={hw.gpu_memory_gb}. Lower hardware.micro_batch_size (now "
+            f"{plan.micro_size}), enable hardware.activation_checkpointing, use more devices or a ZeRO offload "
+            "hardware config (hardware=8xa100-offload); set memory_check=false to try anyway."
+        )
+
+
 def build_logger(cfg: DictConfig):
     if not cfg.get("logger"):
         return False
@@ -59,22 +127,29 @@ def build_logger(cfg: DictConfig):
     return logger
 
 
-def build_trainer(cfg: DictConfig, plan: BatchPlan) -> L.Trainer:
+def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Trainer:
     hw = cfg.hardware
     logger = build_logger(cfg)
+    arch = cfg.model.architecture
+    n_params = count_parameters(arch, vocab_size)
+    fpt = flops_per_token(n_params, arch.num_hidden_layers, arch.hidden_size, cfg.data.max_seq_length)
     callbacks = [
-        Throughput(cfg.trainer.log_every_n_steps),
-        ModelCheckpoint(
+        Throughput(cfg.trainer.log_every_n_steps, fpt, hw.get("peak_tflops")),
+        PartitionReport(str(Path(cfg.output_dir) / "partition")),
+        StepCheckpoint(
             dirpath=Path(cfg.output_dir) / "checkpoints",
-            every_n_train_steps=cfg.get("checkpoint_every_n_steps") or cfg.val_every_n_steps,
-            save_last=True,
-            save_top_k=1,
+            filename="step={step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+            save_top_k=cfg.checkpoint.keep_last,  # the last K by step
             monitor="step",
             mode="max",
+            save_last="link",
+            save_on_train_epoch_end=False,
         ),
     ]
-    if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.get("stop_after_steps"):
+        callbacks.append(StopAtStep(cfg.stop_after_steps))
     return instantiate(
         cfg.trainer,
         accelerator=hw.accelerator,
@@ -85,17 +160,53 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan) -> L.Trainer:
         accumulate_grad_batches=plan.accumulation,
         val_check_interval=cfg.val_every_n_steps * plan.accumulation,  # Lightning counts micro batches
         check_val_every_n_epoch=None,
+        use_distributed_sampler=False,  # BillaDataModule shards the stream itself (exact resume)
         logger=logger,
         callbacks=callbacks,
         default_root_dir=cfg.output_dir,
     )
 
 
+@torch.no_grad()
+def probe_logits(module: BillaLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the trained model on ``batch`` (a collective forward under ZeRO-3: call on every rank)."""
+    was_training = module.model.training
+    module.model.eval()
+    out = module.model(
+        input_ids=batch["input_ids"].to(module.device), attention_mask=batch["attention_mask"].to(module.device)
+    )
+    module.model.train(was_training)
+    return out.logits.float().cpu()
+
+
+def export(cfg: DictConfig, trainer: L.Trainer, module: BillaLM, tokenizer_dir: str, probe: dict | None) -> dict:
+    """Gather (ZeRO-3: per parameter) and write the HF directory on rank 0; optionally check it against the model."""
+    state = gather_state_dict(module.model, trainer.is_global_zero)
+    trained_logits = probe_logits(module, probe) if probe is not None and cfg.export.verify else None
+    result = {"export_dir": str(cfg.export.dir)}
+    if trainer.is_global_zero:
+        save_hf_model(module.model, tokenizer_dir, cfg.export.dir, state, cfg.export.max_shard_size)
+        if trained_logits is not None:
+            from transformers import AutoModelForCausalLM
+
+            exported = AutoModelForCausalLM.from_pretrained(cfg.export.dir, dtype=torch.float32)
+            with torch.no_grad():
+                logits = exported(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+            mask = probe["attention_mask"].bool()
+            diff = (logits[mask] - trained_logits[mask]).abs().max().item()
+            result["export_max_abs_logit_diff"] = diff
+            log.info("Export check: max |logit(export) - logit(trained)| = %.3g on %d tokens", diff, int(mask.sum()))
+        Path(cfg.output_dir, "export_check.json").write_text(json.dumps(result, indent=1))
+    trainer.strategy.barrier()
+    return result
+
+
 def run(cfg: DictConfig) -> dict:
     """Train one stage as configured and export the result.
 
     Returns:
-        ``export_dir``, ``val_loss_start``, ``val_loss`` (last validation), ``train_loss`` and ``global_step``.
+        ``export_dir``, ``val_loss_start``, ``val_loss`` (last validation), ``train_loss``, ``global_step``,
+        ``resumed_from`` and, with ``export.verify``, ``export_max_abs_logit_diff``.
     """
     setup_logging()
     plan = validate(cfg)
@@ -104,30 +215,34 @@ def run(cfg: DictConfig) -> dict:
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
     vocab_size = len(load_tokenizer(tokenizer_dir))
+    check_memory(cfg, plan, vocab_size)
     datamodule = build_datamodule(cfg, plan, tokenizer_dir)
     module = BillaLM(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         vocab_size=vocab_size,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        optimizer=optimizer_config(cfg),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         total_steps=cfg.trainer.max_steps,
         init_from=cfg.get("init_from"),
         gradient_checkpointing=cfg.hardware.activation_checkpointing,
         validate_at_start=cfg.validate_at_start,
+        tokenizer_dir=tokenizer_dir,
     )
-    trainer = build_trainer(cfg, plan)
-    trainer.fit(module, datamodule=datamodule)
+    trainer = build_trainer(cfg, plan, vocab_size)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), Path(cfg.output_dir) / "checkpoints")
+    if ckpt_path:
+        log.info("Resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    export_dir = None
-    if trainer.is_global_zero:
-        export_dir = save_hf_model(module.model, tokenizer_dir, cfg.export_dir)
-    trainer.strategy.barrier()
+    probe = next(iter(datamodule.val_dataloader()), None) if datamodule.val_set else None
+    result = export(cfg, trainer, module, tokenizer_dir, probe)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {
-        "export_dir": export_dir or str(cfg.export_dir),
+        **result,
         "val_loss_start": module.val_loss_start,
         "val_loss": metrics.get("val/loss"),
         "train_loss": metrics.get("train/loss"),
         "global_step": trainer.global_step,
+        "resumed_from": ckpt_path,
         "metrics": metrics,
     }

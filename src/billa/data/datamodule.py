@@ -9,7 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from billa.data.collate import PadCollator
-from billa.data.mixing import MixedDataset
+from billa.data.mixing import MixedDataset, StreamSampler
 from billa.data.objectives import OBJECTIVES, Example, ObjectiveContext, load_prompts, record_rng
 from billa.data.readers import ReadStats, read_records, record_kind
 from billa.tokenizer.load import load_tokenizer
@@ -30,6 +30,7 @@ class BillaDataModule(L.LightningDataModule):
         tokenizer_dir: HF tokenizer directory (with ``tokenizer.model``).
         max_seq_length: truncate every example to this many tokens.
         micro_batch_size: sequences per device per forward pass.
+        global_batch_size: sequences per optimizer step over all devices (for the resume position).
         num_samples: length of the training stream (max_steps x global batch).
         seed: drives cut points, prompts, directions and the per-source permutations.
         val_max_records: at most this many validation records per source.
@@ -46,6 +47,7 @@ class BillaDataModule(L.LightningDataModule):
         max_seq_length: int,
         micro_batch_size: int,
         num_samples: int,
+        global_batch_size: int | None = None,
         seed: int = 0,
         val_max_records: int = 1000,
         build: Callable[[], object] | None = None,
@@ -60,6 +62,8 @@ class BillaDataModule(L.LightningDataModule):
         self.tokenizer_dir = tokenizer_dir
         self.max_seq_length = max_seq_length
         self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size or micro_batch_size
+        self.resume_samples = 0  # samples consumed before a resume (restored from the checkpoint)
         self.num_samples = num_samples
         self.seed = seed
         self.val_max_records = val_max_records
@@ -138,14 +142,30 @@ class BillaDataModule(L.LightningDataModule):
         log.info("Data: %s", {key: value["examples"] for key, value in self.stats.items()})
 
     def train_dataloader(self) -> DataLoader:
-        # The stream is already mixed and permuted: no shuffle here (ranks get disjoint interleaved shares).
+        # The stream is already mixed and permuted; each rank takes its interleaved share from the resume position.
+        # (Trainer(use_distributed_sampler=False): Lightning must not re-wrap this sampler.)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = StreamSampler(len(self.train_set), rank, world, start=self.resume_samples)
         return DataLoader(
             self.train_set,
             batch_size=self.micro_batch_size,
-            shuffle=False,
+            sampler=sampler,
             collate_fn=PadCollator(self.pad_id),
             num_workers=self.num_workers,
         )
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: where in the stream the run is (optimizer steps x global batch)."""
+        step = self.trainer.global_step if self.trainer is not None else 0
+        return {"consumed_samples": step * self.global_batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            log.warning(
+                "Resuming with seed %s; the checkpoint used %s: the data stream differs", self.seed, state["seed"]
+            )
+        self.resume_samples = int(state.get("consumed_samples", 0))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -9,11 +9,11 @@ resumed run can start at any sample.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from billa.data.objectives import Example
 
@@ -63,3 +63,23 @@ class MixedDataset(Dataset):
         name, example_index = self.locate(index)
         example = self.sources[name][example_index]
         return {"input_ids": example.input_ids, "labels": example.labels, "source": name}
+
+
+class StreamSampler(Sampler[int]):
+    """This rank's share of the stream ``[start, num_samples)``: indices ``start + rank, start + rank + world, ...``.
+
+    Ranks take interleaved, disjoint shares; together they cover every index once. ``start`` is the number of
+    samples all ranks consumed before a resume (optimizer steps x global batch), so a resumed run continues with
+    exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.num_samples, self.rank, self.world_size, self.start = num_samples, rank, world_size, start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start + self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.start + self.rank, self.num_samples, self.world_size))

@@ -35,7 +35,7 @@ def build_causal_lm(
     """
     if pretrained_path is None:
         return LlamaForCausalLM(llama_config(architecture, vocab_size))
-    model = AutoModelForCausalLM.from_pretrained(pretrained_path, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(pretrained_path, dtype=torch.float32)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < vocab_size:
         raise ConfigError(

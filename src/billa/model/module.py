@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -25,6 +26,7 @@ class BillaLM(L.LightningModule):
         init_from: HF directory that overrides ``model.pretrained_path`` (the previous stage's export).
         gradient_checkpointing: recompute activations in the backward pass.
         validate_at_start: compute and log ``val/loss`` at step 0 as the baseline.
+        tokenizer_dir: the tokenizer directory trained with (exported beside the weights; read by convert.py).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class BillaLM(L.LightningModule):
         init_from: str | None = None,
         gradient_checkpointing: bool = False,
         validate_at_start: bool = True,
+        tokenizer_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -50,10 +53,34 @@ class BillaLM(L.LightningModule):
         spec = self.hparams.model
         path = self.hparams.init_from or spec.get("pretrained_path")
         key = "init_from" if self.hparams.init_from else "model.pretrained_path"
-        self.model = build_causal_lm(spec["architecture"], self.hparams.vocab_size, path, key)
+        with self._zero3_pretrained_loading(path):
+            self.model = build_causal_lm(spec["architecture"], self.hparams.vocab_size, path, key)
+        self.model.train()  # from_pretrained returns eval mode
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
+
+    @contextlib.contextmanager
+    def _zero3_pretrained_loading(self, path: str | None):
+        """Under ZeRO-3, let transformers load pretrained weights straight into the partitioned parameters.
+
+        A plain ``from_pretrained`` inside the partitioning context sees every parameter as size 0 (DESIGN.md §8);
+        transformers' DeepSpeed integration partitions and loads shard by shard while an ``HfDeepSpeedConfig``
+        is alive, so a 7B model never materialises whole on one rank.
+        """
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        config = getattr(strategy, "config", None)
+        stage = ((config or {}).get("zero_optimization") or {}).get("stage", 0)
+        if path is None or stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(config)  # transformers holds only a weak reference
+        try:
+            yield
+        finally:
+            del keep_alive
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the label tokens of the batch (labels -100 carry no loss)."""
