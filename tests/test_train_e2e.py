@@ -25,6 +25,7 @@ def trained(tmp_path_factory, cache_dir, sample_tokenizer_dir):
             "scheduler.warmup_steps=5",
             "data.val_max_records=16",
             "trainer.enable_progress_bar=false",
+            "hardware.peak_tflops=0.5",  # a made-up peak, so that MFU is logged on CPU
         ],
         output_dir=out,
         cache=cache_dir,
@@ -40,7 +41,11 @@ def test_validation_loss_falls_below_step_zero(trained):
     val = [(int(row["step"]), float(row["val/loss"])) for row in metrics if row.get("val/loss")]
     assert val[0][0] == 0 and val[0][1] == pytest.approx(result["val_loss_start"])
     assert [step for step, _ in val[1:]] == [19, 39]  # Lightning logs at the last batch of steps 20 and 40
-    assert any(row.get("train/tokens_per_s") for row in metrics)
+    throughput = [row for row in metrics if row.get("train/tokens_per_s")]
+    assert throughput
+    for row in throughput:  # MFU = tokens/s per device x FLOPs per token / peak (0.5 TFLOPS here)
+        fpt = 6 * 2_923_200 + 12 * 4 * 192 * 128  # 6N + 12 L h s for the tiny model at 128 tokens
+        assert float(row["train/mfu"]) == pytest.approx(float(row["train/tokens_per_s_per_device"]) * fpt / 0.5e12)
 
 
 def test_export_is_a_loadable_hf_directory_that_generates(trained):

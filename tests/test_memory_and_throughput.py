@@ -1,0 +1,73 @@
+"""Memory plan arithmetic, the stop-before-OOM check, MFU's FLOP count, the SLURM launcher config."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from billa.callbacks import flops_per_token
+from billa.config import ConfigError, plan_batch
+from billa.distributed.memory import GIB, plan_memory
+from billa.train import check_memory, optimizer_config
+
+from .conftest import CONF
+
+LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32}
+N_7B = 6_860_828_672  # LLaMA-7B with BiLLa's 46,943-piece vocabulary (tests/test_configs.py)
+
+
+def test_zero3_partitions_params_grads_and_optimizer_states():
+    plan = plan_memory(N_7B, LLAMA_7B, 46_943, micro_batch=2, seq_len=1024, world_size=8, precision="bf16-mixed",
+                       zero_stage=3, activation_checkpointing=True, capacity_gb=80)
+    assert plan.parameters == pytest.approx(2 * N_7B / 8)
+    assert plan.gradients == pytest.approx(2 * N_7B / 8)
+    assert plan.optimizer == pytest.approx(12 * N_7B / 8)
+    # layer inputs kept (32 x 2048 tokens x 4096 x 2 B) + one layer recomputed (17 x 2 B x 2048 x 4096)
+    # + bf16 logits and their fp32 copy (2048 x 46,943 x 6 B)
+    assert plan.activations == pytest.approx(32 * 2048 * 4096 * 2 + 34 * 2048 * 4096 + 2048 * 46_943 * 6)
+    assert plan.fits and 15 * GIB < plan.total < 20 * GIB
+
+
+def test_stages_and_offload():
+    kwargs = dict(n_params=1000, architecture={"hidden_size": 8, "num_hidden_layers": 1}, vocab_size=10,
+                  micro_batch=1, seq_len=1, world_size=4, precision="bf16-mixed")
+    z1, z2 = plan_memory(**kwargs, zero_stage=1), plan_memory(**kwargs, zero_stage=2)
+    assert (z1.parameters, z1.gradients, z1.optimizer) == (2000, 2000, 3000)
+    assert (z2.parameters, z2.gradients, z2.optimizer) == (2000, 500, 3000)
+    off = plan_memory(**kwargs, zero_stage=3, offload_optimizer=True, offload_parameters=True)
+    assert (off.parameters, off.optimizer, off.cpu_offloaded) == (0, 0, 3000 + 500)
+    ddp = plan_memory(**kwargs)  # no DeepSpeed: fp32 weights + grads + Adam m, v
+    assert (ddp.parameters, ddp.gradients, ddp.optimizer) == (4000, 4000, 8000)
+
+
+def test_7b_on_one_a100_stops_with_a_clear_message(compose):
+    cfg = compose(["model=llama-7b", "hardware=1xa100", "data=billa"])
+    with pytest.raises(ConfigError, match=r"needs ~1\d\d\.\d GiB per device but hardware.gpu_memory_gb=80.*8xa100"):
+        check_memory(cfg, plan_batch(cfg), 46_943)
+    cfg = compose(["model=llama-7b", "hardware=8xa100", "data=billa"])
+    check_memory(cfg, plan_batch(cfg), 46_943)  # fits
+
+
+def test_offload_hardware_uses_deepspeed_cpu_adam(compose):
+    node = optimizer_config(compose(["hardware=8xa100-offload", "data=billa"]))
+    assert node["_target_"] == "deepspeed.ops.adam.DeepSpeedCPUAdam" and node["adamw_mode"] is True
+    assert node["betas"] == [0.9, 0.95] and "fused" not in node
+    assert "fused" not in optimizer_config(compose(["hardware=1xa100"]))  # Lightning AMP cannot clip fused Adam
+    assert optimizer_config(compose(["hardware=cpu"]))["fused"] is True
+
+
+def test_flops_per_token():
+    # 6N + 12 L h s (PaLM appendix B): LLaMA-7B at 1024 tokens
+    assert flops_per_token(N_7B, 32, 4096, 1024) == 6 * N_7B + 12 * 32 * 4096 * 1024
+
+
+def test_slurm_launcher_config_composes():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=["hydra/launcher=billa_slurm", "hardware=2x8xa100"],
+                            return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
