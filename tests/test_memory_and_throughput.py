@@ -19,8 +19,18 @@ N_7B = 6_860_828_672  # LLaMA-7B with BiLLa's 46,943-piece vocabulary (tests/tes
 
 
 def test_zero3_partitions_params_grads_and_optimizer_states():
-    plan = plan_memory(N_7B, LLAMA_7B, 46_943, micro_batch=2, seq_len=1024, world_size=8, precision="bf16-mixed",
-                       zero_stage=3, activation_checkpointing=True, capacity_gb=80)
+    plan = plan_memory(
+        N_7B,
+        LLAMA_7B,
+        46_943,
+        micro_batch=2,
+        seq_len=1024,
+        world_size=8,
+        precision="bf16-mixed",
+        zero_stage=3,
+        activation_checkpointing=True,
+        capacity_gb=80,
+    )
     assert plan.parameters == pytest.approx(2 * N_7B / 8)
     assert plan.gradients == pytest.approx(2 * N_7B / 8)
     assert plan.optimizer == pytest.approx(12 * N_7B / 8)
@@ -31,8 +41,15 @@ def test_zero3_partitions_params_grads_and_optimizer_states():
 
 
 def test_stages_and_offload():
-    kwargs = dict(n_params=1000, architecture={"hidden_size": 8, "num_hidden_layers": 1}, vocab_size=10,
-                  micro_batch=1, seq_len=1, world_size=4, precision="bf16-mixed")
+    kwargs = dict(
+        n_params=1000,
+        architecture={"hidden_size": 8, "num_hidden_layers": 1},
+        vocab_size=10,
+        micro_batch=1,
+        seq_len=1,
+        world_size=4,
+        precision="bf16-mixed",
+    )
     z1, z2 = plan_memory(**kwargs, zero_stage=1), plan_memory(**kwargs, zero_stage=2)
     assert (z1.parameters, z1.gradients, z1.optimizer) == (2000, 2000, 3000)
     assert (z2.parameters, z2.gradients, z2.optimizer) == (2000, 500, 3000)
@@ -66,8 +83,9 @@ def test_flops_per_token():
 def test_slurm_launcher_config_composes():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=["hydra/launcher=billa_slurm", "hardware=2x8xa100"],
-                            return_hydra_config=True)
+        cfg = hydra_compose(
+            "train", overrides=["hydra/launcher=billa_slurm", "hardware=2x8xa100"], return_hydra_config=True
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)

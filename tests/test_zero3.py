@@ -152,3 +152,17 @@ def test_convert_zero3_checkpoint_to_hf(full_run, tmp_path):
         torch.testing.assert_close(converted[name], tensor, rtol=0, atol=0, msg=name)
     assert (out / "tokenizer.model").is_file()
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 3000
+
+
+def test_pretrained_weights_load_into_partitioned_parameters(full_run, tmp_path, cache_dir):
+    """init_from a HF directory under ZeRO-3: with lr=0 one step later the export equals the loaded weights."""
+    run_dir = tmp_path / "init"
+    train(run_dir, cache_dir, f"init_from={full_run / 'hf'}", "optimizer.lr=0.0", "trainer.max_steps=2",
+          "stop_after_steps=1", "validate_at_start=false")
+    loaded = load_file(run_dir / "hf" / "model.safetensors")
+    source = load_file(full_run / "hf" / "model.safetensors")
+    assert set(loaded) == set(source)
+    for name, tensor in source.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+    report = json.loads((run_dir / "partition" / "rank0.json").read_text())
+    assert report["empty_parameters"] == report["parameters"]  # loaded straight into partitioned parameters

@@ -36,7 +36,8 @@ def build_causal_lm(
     if pretrained_path is None:
         return LlamaForCausalLM(llama_config(architecture, vocab_size))
     model = AutoModelForCausalLM.from_pretrained(pretrained_path, dtype=torch.float32)
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitioned weights report their full shape there
     if rows < vocab_size:
         raise ConfigError(
             f"{key}={pretrained_path} has {rows} embedding rows but the tokenizer has {vocab_size} pieces: "
