@@ -44,7 +44,7 @@ def sample_corpus(cache_dir) -> Path:
 def sample_tokenizer_dir(cache_dir, sample_corpus) -> str:
     from billa.tokenizer.sample import sample_tokenizer
 
-    return sample_tokenizer(cache_dir / "sample", vocab_size=3000)
+    return sample_tokenizer(cache_dir / "sample")
 
 
 def compose_train(overrides: list[str], output_dir: Path | None = None, cache: Path | None = None) -> DictConfig:
@@ -62,3 +62,13 @@ def compose_train(overrides: list[str], output_dir: Path | None = None, cache: P
 @pytest.fixture
 def compose():
     return compose_train
+
+
+def tiny_parameter_count(tokenizer_dir: str) -> int:
+    """Parameters of model=tiny with the tokenizer of ``tokenizer_dir`` (computed on the meta device)."""
+    from transformers import AutoTokenizer
+
+    from billa.model.builders import count_parameters
+
+    cfg = compose_train([])
+    return count_parameters(cfg.model.architecture, len(AutoTokenizer.from_pretrained(tokenizer_dir)))

@@ -131,3 +131,17 @@ def test_non_positive_values_are_rejected(compose, key, value):
     OmegaConf.update(cfg, key, value)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         plan_batch(cfg)
+
+
+@pytest.mark.parametrize("op", sorted(p.stem for p in (CONF / "op").glob("*.yaml")))
+def test_convert_ops_compose(op):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("convert", overrides=[f"op={op}", "op.out_dir=/tmp/x", "+op.unused=1"])
+    assert cfg.op._target_.startswith("billa.")
+    target = instantiate({"_target_": "hydra.utils.get_method", "path": cfg.op._target_})
+    assert callable(target)

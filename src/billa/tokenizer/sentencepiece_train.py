@@ -15,7 +15,7 @@ def train_sentencepiece(
     character_coverage: float = 0.9995,
     byte_fallback: bool = True,
     input_sentence_size: int = 0,
-    seed_sentencepieces: bool = True,
+    verbose: bool = False,
 ) -> bytes:
     """Train a LLaMA-style SentencePiece model (BOS=1, EOS=2, UNK=0, no pad, digits split, identity normaliser).
 
@@ -40,6 +40,6 @@ def train_sentencepiece(
         pad_id=-1,
         input_sentence_size=input_sentence_size,
         shuffle_input_sentence=True,
-        minloglevel=2,
+        minloglevel=0 if verbose else 2,  # SentencePiece's own progress log on stderr
     )
     return model.getvalue()
