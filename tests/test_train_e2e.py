@@ -41,6 +41,14 @@ def test_validation_loss_falls_below_step_zero(trained, sample_tokenizer_dir):
     val = [(int(row["step"]), float(row["val/loss"])) for row in metrics if row.get("val/loss")]
     assert val[0][0] == 0 and val[0][1] == pytest.approx(result["val_loss_start"])
     assert [step for step, _ in val[1:]] == [19, 39]  # Lightning logs at the last batch of steps 20 and 40
+    last = [row for row in metrics if row.get("train/mix/zh")][-1]  # the realised 4:4:2 mix, logged per source
+    assert float(last["train/mix/zh"]) == pytest.approx(0.4, abs=0.01)
+    assert float(last["train/mix/translate"]) == pytest.approx(0.2, abs=0.01)
+    assert (
+        float(last["train/samples/zh"]) + float(last["train/samples/en"]) + float(last["train/samples/translate"])
+        == int(last["step"]) * 16 + 16
+    )  # every sample of steps 1..N counted once
+    assert float(last["train/tokens/zh"]) > float(last["train/samples/zh"])
     throughput = [row for row in metrics if row.get("train/tokens_per_s")]
     assert throughput
     for row in throughput:  # MFU = tokens/s per device x FLOPs per token / peak (0.5 TFLOPS here)

@@ -21,7 +21,10 @@ def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: i
 
 
 class Throughput(L.Callback):
-    """Logs ``train/tokens_per_s``, ``train/tokens_per_s_per_device`` and ``train/mfu``.
+    """Logs ``train/tokens_per_s``, ``train/tokens_per_s_per_device``, ``train/mfu`` and per-source accounting.
+
+    ``train/tokens/<source>`` and ``train/samples/<source>`` count what every rank consumed since the run (re)started;
+    ``train/mix/<source>`` is the realised share of samples, so a chart shows that stage 2 really is 1:1.
 
     Tokens are the non-padding input tokens of this rank's batches; the rate is measured over the optimizer steps
     between two logging points, so data loading and the optimizer step are included. MFU = achieved model FLOPs /
@@ -37,12 +40,17 @@ class Throughput(L.Callback):
         self._tokens = 0
         self._start: float | None = None
         self._last_step = 0
+        self.source_tokens: dict[str, int] = {}  # this rank's tokens per source since the run (re)started
+        self.source_samples: dict[str, int] = {}
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._start is None:
             self._start = time.perf_counter()
             self._last_step = trainer.global_step
         self._tokens += int(batch["attention_mask"].sum())
+        for row, source in enumerate(batch.get("source", ())):  # cumulative per-source accounting
+            self.source_tokens[source] = self.source_tokens.get(source, 0) + int(batch["attention_mask"][row].sum())
+            self.source_samples[source] = self.source_samples.get(source, 0) + 1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step - self._last_step < self.log_every_n_steps:
@@ -52,6 +60,17 @@ class Throughput(L.Callback):
         if self.flops_per_token and self.peak_flops:
             metrics["train/mfu"] = per_device * self.flops_per_token / self.peak_flops
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        if self.source_samples:  # summed over ranks: train/tokens/<source>, train/samples/<source>, train/mix/<source>
+            total = sum(self.source_samples.values())
+            per_source = {}
+            for source, samples in sorted(self.source_samples.items()):
+                per_source[f"train/tokens/{source}"] = float(self.source_tokens[source])
+                per_source[f"train/samples/{source}"] = float(samples)
+                per_source[f"train/mix/{source}"] = samples / total
+            sums = {k: v for k, v in per_source.items() if not k.startswith("train/mix/")}
+            pl_module.log_dict(sums, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
+            ratios = {k: v for k, v in per_source.items() if k.startswith("train/mix/")}
+            pl_module.log_dict(ratios, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="mean")
         self._tokens, self._start, self._last_step = 0, time.perf_counter(), trainer.global_step
 
 

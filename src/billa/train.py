@@ -42,6 +42,9 @@ def build_datamodule(cfg: DictConfig, plan: BatchPlan, tokenizer_dir: str) -> Bi
         prompts_dir=data.get("prompts_dir"),
         translation_extra_newline=data.get("translation_extra_newline", False),
         num_workers=cfg.hardware.num_workers,
+        on_error=data.get("on_error", "raise"),
+        token_cache_dir=data.get("token_cache_dir"),
+        num_proc=data.get("num_proc", 1),
     )
 
 

@@ -13,7 +13,7 @@ class PadCollator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict:
         width = max(len(item["input_ids"]) for item in items)
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)  # (B, T)
         labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
@@ -23,4 +23,7 @@ class PadCollator:
             input_ids[row, :n] = torch.tensor(item["input_ids"])
             labels[row, :n] = torch.tensor(item["labels"])
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if "source" in items[0]:
+            batch["source"] = [item["source"] for item in items]  # for per-source token accounting
+        return batch

@@ -8,10 +8,11 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from billa.data.cache import ObjectiveSettings, tokenize_source
 from billa.data.collate import PadCollator
 from billa.data.mixing import MixedDataset, StreamSampler
-from billa.data.objectives import OBJECTIVES, Example, ObjectiveContext, load_prompts, record_rng
-from billa.data.readers import ReadStats, read_records, record_kind
+from billa.data.objectives import OBJECTIVES
+from billa.data.readers import record_kind
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
 
@@ -36,6 +37,9 @@ class BillaDataModule(L.LightningDataModule):
         val_max_records: at most this many validation records per source.
         build: optional callable that creates the files (the sample corpus); run once on rank 0.
         prompts_dir: directory of ``*.prompt`` files; default ``conf/prompts``.
+        on_error: ``raise`` at the first malformed record (naming file and line), or ``skip``: count, report, log.
+        token_cache_dir: where tokenised Arrow shards are kept (``billa.data.cache``).
+        num_proc: tokenisation worker processes.
     """
 
     def __init__(
@@ -54,6 +58,9 @@ class BillaDataModule(L.LightningDataModule):
         prompts_dir: str | None = None,
         translation_extra_newline: bool = False,
         num_workers: int = 0,
+        on_error: str = "raise",
+        token_cache_dir: str | None = None,
+        num_proc: int = 1,
     ):
         super().__init__()
         self.sources = {name: dict(spec) for name, spec in sources.items()}
@@ -71,74 +78,98 @@ class BillaDataModule(L.LightningDataModule):
         self.prompts_dir = prompts_dir or str(DEFAULT_PROMPTS_DIR)
         self.translation_extra_newline = translation_extra_newline
         self.num_workers = num_workers
+        self.on_error = on_error
+        self.token_cache_dir = token_cache_dir or str(Path.home() / ".cache" / "billa" / "tokenized")
+        self.num_proc = num_proc
         self.train_set: MixedDataset | None = None
         self.val_set: list[dict] | None = None
         self.stats: dict[str, dict] = {}
 
-    def prepare_data(self) -> None:
-        if self.build is not None:
-            self.build()
-
-    def _context(self):
-        tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-        return ObjectiveContext(
-            encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
-            bos_id=tokenizer.bos_token_id,
-            eos_id=tokenizer.eos_token_id,
-            max_len=self.max_seq_length,
-            prompts=load_prompts(self.prompts_dir),
-            translation_extra_newline=self.translation_extra_newline,
-        )
-
-    def _examples(self, name: str, split: str, ctx: ObjectiveContext, limit: int | None = None) -> list[Example]:
+    def _settings(self, name: str) -> ObjectiveSettings:
         spec = self.sources[name]
         kind = spec.get("kind") or record_kind(spec["format"])
-        objective_name = self.objectives.get(kind)
-        if objective_name not in OBJECTIVES:
+        objective = self.objectives.get(kind)
+        if objective not in OBJECTIVES:
             raise KeyError(
-                f"data.objectives.{kind}={objective_name!r} (needed by source {name!r}); "
+                f"data.objectives.{kind}={objective!r} (needed by source {name!r}); "
                 f"known objectives: {sorted(OBJECTIVES)}"
             )
-        objective = OBJECTIVES[objective_name]
-        options = {k: v for k, v in spec.items() if k not in ("kind", "format", "train", "val")}
-        stats = ReadStats()
-        examples, too_long = [], 0
-        for record in read_records(spec[split], spec["format"], f"data.sources.{name}.{split}", stats, **options):
-            example = objective(record.fields, ctx, record_rng(self.seed, name, record.where))
-            if example is None:
-                too_long += 1  # the prompt alone fills max_seq_length: counted and reported, never silent
-            else:
-                examples.append(example)
-            if limit is not None and len(examples) >= limit:
-                break
-        self.stats[f"{name}/{split}"] = {
-            "records": stats.read,
-            "examples": len(examples),
-            "filtered": stats.filtered,
-            "no_target_after_truncation": too_long,
-        }
-        if too_long:
+        options = tuple(
+            sorted(
+                (k, v if not isinstance(v, list) else tuple(v))
+                for k, v in spec.items()
+                if k not in ("kind", "format", "train", "val")
+            )
+        )
+        return ObjectiveSettings(
+            name,
+            spec["format"],
+            objective,
+            self.max_seq_length,
+            self.seed,
+            self.translation_extra_newline,
+            options,
+            self.on_error,
+        )
+
+    def _tokenized(self, name: str, split: str):
+        """The source's split, tokenised once into the Arrow cache (reused when nothing changed)."""
+        dataset, stats = tokenize_source(
+            self.sources[name][split],
+            self._settings(name),
+            self.tokenizer_dir,
+            self.prompts_dir,
+            self.token_cache_dir,
+            self.num_proc,
+            f"data.sources.{name}.{split}",
+        )
+        self.stats[f"{name}/{split}"] = stats
+        if stats.get("skipped_malformed"):
+            log.warning(
+                "%s/%s: skipped %d malformed records (data.on_error=skip), e.g. %s",
+                name,
+                split,
+                stats["skipped_malformed"],
+                stats["skipped_examples"],
+            )
+        if stats.get("no_target_after_truncation"):
             log.warning(
                 "%s/%s: %d records had no target token left after truncation to %d tokens; skipped",
                 name,
                 split,
-                too_long,
+                stats["no_target_after_truncation"],
                 self.max_seq_length,
             )
-        return examples
+        if len(dataset) == 0:
+            raise ValueError(f"data.sources.{name}.{split}: no usable examples in {self.sources[name][split]}")
+        return dataset
+
+    def _splits(self):
+        for name in self.mix:
+            yield name, "train"
+            if self.sources[name].get("val"):
+                yield name, "val"
+
+    def prepare_data(self) -> None:
+        """Once per node: build the sample corpus if configured, and tokenise every split into the cache."""
+        if self.build is not None:
+            self.build()
+        for name, split in self._splits():
+            self._tokenized(name, split)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        ctx = self._context()
-        train = {name: self._examples(name, "train", ctx) for name in self.mix}
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        train = {name: self._tokenized(name, "train") for name in self.mix}
         self.train_set = MixedDataset(train, self.mix, self.num_samples, self.seed)
         self.val_set = []
-        for name in self.mix:
-            if self.sources[name].get("val"):
-                for example in self._examples(name, "val", ctx, self.val_max_records):
-                    self.val_set.append({"input_ids": example.input_ids, "labels": example.labels, "source": name})
+        for name, split in self._splits():
+            if split == "val":
+                val = self._tokenized(name, "val")
+                for row in val.select(range(min(len(val), self.val_max_records))):
+                    self.val_set.append({"input_ids": row["input_ids"], "labels": row["labels"], "source": name})
         log.info("Data: %s", {key: value["examples"] for key, value in self.stats.items()})
 
     def train_dataloader(self) -> DataLoader:
@@ -146,7 +177,7 @@ class BillaDataModule(L.LightningDataModule):
         # (Trainer(use_distributed_sampler=False): Lightning must not re-wrap this sampler.)
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = StreamSampler(len(self.train_set), rank, world, start=self.resume_samples)
+        sampler = StreamSampler(len(self.train_set), rank, world, self.resume_samples, block=self.micro_batch_size)
         return DataLoader(
             self.train_set,
             batch_size=self.micro_batch_size,

@@ -62,24 +62,43 @@ class MixedDataset(Dataset):
             raise IndexError(index)
         name, example_index = self.locate(index)
         example = self.sources[name][example_index]
-        return {"input_ids": example.input_ids, "labels": example.labels, "source": name}
+        if isinstance(example, Example):
+            return {"input_ids": example.input_ids, "labels": example.labels, "source": name}
+        return {"input_ids": example["input_ids"], "labels": example["labels"], "source": name}  # an Arrow row
 
 
 class StreamSampler(Sampler[int]):
-    """This rank's share of the stream ``[start, num_samples)``: indices ``start + rank, start + rank + world, ...``.
+    """This rank's share of the stream ``[start, num_samples)`` in blocks of ``block`` (the micro batch).
 
-    Ranks take interleaved, disjoint shares; together they cover every index once. ``start`` is the number of
-    samples all ranks consumed before a resume (optimizer steps x global batch), so a resumed run continues with
-    exactly the batches an uninterrupted run would have seen.
+    The stream is walked in rounds of ``world_size x block`` samples; in each round rank ``r`` takes the block
+    ``[r x block, (r + 1) x block)``. Ranks get disjoint shares that together cover every index once, and each micro
+    batch is a contiguous slice of the round-robin stream: when the micro batch is a multiple of the mix cycle
+    (BiLLa: 20 = 10 LM/translation + 10 task), every micro batch holds the exact ratio; otherwise every global batch
+    that is a multiple of the cycle does. ``start`` is the number of samples all ranks consumed before a resume
+    (optimizer steps x global batch), so a resumed run continues with exactly the batches of an uninterrupted one.
+    Dataloader workers split this rank's batches between them (disjoint, complete) as usual.
     """
 
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, start: int = 0):
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, start: int = 0, block: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.num_samples, self.rank, self.world_size, self.start = num_samples, rank, world_size, start
+        if start % (world_size * block):
+            raise ValueError(f"resume position {start} is not a whole number of rounds of {world_size} x {block}")
+        self.num_samples, self.rank, self.world_size, self.start, self.block = (
+            num_samples,
+            rank,
+            world_size,
+            start,
+            block,
+        )
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start + self.rank, self.num_samples, self.world_size))
+        round_size = self.world_size * self.block
+        for round_start in range(self.start, self.num_samples, round_size):
+            first = round_start + self.rank * self.block
+            yield from range(first, min(first + self.block, self.num_samples))
 
     def __len__(self) -> int:
-        return len(range(self.start + self.rank, self.num_samples, self.world_size))
+        round_size = self.world_size * self.block
+        full, rest = divmod(max(0, self.num_samples - self.start), round_size)
+        return full * self.block + min(self.block, max(0, rest - self.rank * self.block))

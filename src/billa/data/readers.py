@@ -3,6 +3,10 @@
 Each reader yields ``Record``s: a small dict in one of the record kinds the objectives understand, plus where it
 came from (file, line) so that every later error can point at the input.
 
+Files: ``.jsonl`` (also ``.txt``, as LogiQA ships it), ``.json`` arrays, ``.jsonl.zst`` (PILE's shards, streamed),
+``.parquet`` (line = row number), globs and directories of shards, and ``hf://<dataset>[:<config>][@<split>]`` for a
+Hugging Face hub dataset read in streaming mode (needs network; line = row number).
+
 kinds and their fields:
     text:        {"text"}
     translation: {"en", "zh"}
@@ -13,6 +17,7 @@ kinds and their fields:
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -39,12 +44,19 @@ class Record:
 class ReadStats:
     read: int = 0
     filtered: int = 0  # dropped on purpose by a documented filter (e.g. PILE subsets), counted
+    skipped: int = 0  # malformed records skipped because the user chose on_error=skip, counted and reported
+    skipped_examples: list[str] = field(default_factory=list)  # the first few, "file:line: why"
     files: list[str] = field(default_factory=list)
+
+
+HUB_PREFIX = "hf://"
 
 
 def expand_paths(pattern: str | os.PathLike, what: str) -> list[str]:
     """Files named by a path, a glob or a directory (its files, sorted). ``what`` names the config key for errors."""
     pattern = str(pattern)
+    if pattern.startswith(HUB_PREFIX):
+        return [pattern]
     if os.path.isdir(pattern):
         files = sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file() and not p.name.startswith("."))
     else:
@@ -54,9 +66,31 @@ def expand_paths(pattern: str | os.PathLike, what: str) -> list[str]:
     return files
 
 
+def _json_lines(lines, path: str) -> Iterator[tuple[int, object]]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield number, DataFormatError(f"{path}:{number}: not valid JSON ({err.msg})")
+
+
+def _hub_rows(spec: str) -> Iterator[tuple[int, object]]:
+    """``hf://name[:config][@split]`` streamed with ``datasets`` (network needed)."""
+    import datasets
+
+    name, _, split = spec[len(HUB_PREFIX) :].partition("@")
+    name, _, config = name.partition(":")
+    stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    yield from enumerate(stream, start=1)
+
+
 def _raw_records(path: str) -> Iterator[tuple[int, object]]:
-    """(line, parsed JSON value) for a .jsonl file (one per non-blank line) or a .json array (one per element)."""
-    if path.endswith(".json"):
+    """(line, parsed JSON value or the DataFormatError it raised) for one file (see the module docstring)."""
+    if path.startswith(HUB_PREFIX):
+        yield from _hub_rows(path)
+    elif path.endswith(".json"):
         try:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -65,15 +99,24 @@ def _raw_records(path: str) -> Iterator[tuple[int, object]]:
         if not isinstance(data, list):
             raise DataFormatError(f"{path}:1: expected a JSON array of records, got {type(data).__name__}")
         yield from enumerate(data, start=1)
-        return
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    elif path.endswith(".zst"):
+        import pyarrow as pa
+
+        with io.TextIOWrapper(pa.input_stream(path, compression="zstd"), encoding="utf-8") as handle:
+            yield from _json_lines(handle, path)
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    elif path.endswith((".jsonl", ".txt")):
+        with open(path, encoding="utf-8") as handle:
+            yield from _json_lines(handle, path)
+    else:
+        raise DataFormatError(f"{path}: unsupported file type (expected .jsonl, .json, .jsonl.zst, .parquet, .txt)")
 
 
 def _need(raw: object, keys: tuple[str, ...], where: str, fmt: str) -> dict:
@@ -134,20 +177,29 @@ def record_kind(fmt: str) -> str:
 
 
 def read_records(
-    pattern: str | os.PathLike, fmt: str, what: str, stats: ReadStats | None = None, **options
+    pattern: str | os.PathLike,
+    fmt: str,
+    what: str,
+    stats: ReadStats | None = None,
+    on_error: str = "raise",
+    **options,
 ) -> Iterator[Record]:
     """Yield normalised records from every file that ``pattern`` names, in sorted file order.
 
     Args:
-        pattern: a file, glob or directory.
+        pattern: a file, glob, directory or ``hf://`` dataset.
         fmt: a key of ``READERS``.
         what: the config key being read (for error messages), e.g. ``data.sources.zh.train``.
         stats: counters updated while reading.
+        on_error: ``raise`` (default) stops at the first malformed record; ``skip`` counts it in ``stats`` and goes
+            on (the caller reports the count).
         **options: reader options (``pile_sets`` for PILE).
 
     Raises:
-        DataFormatError: naming file and line of the first malformed record.
+        DataFormatError: naming file and line of the first malformed record (``on_error=raise``).
     """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r}: expected raise or skip")
     record_kind(fmt)
     parse = READERS[fmt][1]
     stats = stats if stats is not None else ReadStats()
@@ -155,7 +207,17 @@ def read_records(
         stats.files.append(path)
         for line, raw in _raw_records(path):
             where = f"{path}:{line}"
-            fields = parse(raw, where, **options)
+            try:
+                if isinstance(raw, DataFormatError):
+                    raise raw
+                fields = parse(raw, where, **options)
+            except DataFormatError as err:
+                if on_error == "raise":
+                    raise
+                stats.skipped += 1
+                if len(stats.skipped_examples) < 5:
+                    stats.skipped_examples.append(str(err))
+                continue
             if fields is None:
                 stats.filtered += 1
                 continue

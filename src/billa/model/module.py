@@ -112,7 +112,7 @@ class BillaLM(L.LightningModule):
         self.model.eval()
         total, tokens = 0.0, 0
         for batch in dataloader:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             with self.trainer.precision_plugin.forward_context():
                 loss = self.model_step(batch)
             n = int((batch["labels"][:, 1:] != -100).sum())

@@ -1,0 +1,197 @@
+"""Tokenise once: records -> (input_ids, labels) written as memory-mapped Arrow shards, reused across runs.
+
+Every input file is one unit of work, processed by a pool of ``num_proc`` workers and written as a ``datasets``
+Arrow directory under ``<cache>/<key>/``, renamed into place only when complete. The key covers what determines the
+tokens: the file's content (a BLAKE2 hash of its bytes), the tokenizer files, the objective and its settings (max
+length, seed, prompts, source name). Rerunning reuses every finished shard; a killed pass redoes only the files whose
+shards were not finished. ``datasets`` memory-maps the shards, so a 7B run's corpus costs page cache, not RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+from tqdm.auto import tqdm
+
+from billa.data.objectives import OBJECTIVES, ObjectiveContext, load_prompts, record_rng
+from billa.data.readers import HUB_PREFIX, ReadStats, expand_paths, read_records
+from billa.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+_SHARD_DONE = "billa_shard.json"
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """Everything besides the input file that determines the tokens of a shard."""
+
+    source: str
+    fmt: str
+    objective: str
+    max_len: int
+    seed: int
+    translation_extra_newline: bool
+    reader_options: tuple = ()
+    on_error: str = "raise"
+
+
+@dataclass
+class ShardResult:
+    path: str
+    examples: int
+    stats: dict = field(default_factory=dict)
+    reused: bool = False
+
+
+def _hash_file(path: str, digest) -> None:
+    if path.startswith(HUB_PREFIX):
+        digest.update(path.encode())
+        return
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+
+
+def fingerprint(*parts: bytes | str, files: tuple[str, ...] = ()) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\x1f")
+    for path in files:
+        _hash_file(path, digest)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer_dir: str) -> str:
+    files = tuple(str(p) for p in sorted(Path(tokenizer_dir).glob("tokenizer*")) if p.is_file())
+    return fingerprint("tokenizer", files=files)
+
+
+def prompts_fingerprint(prompts_dir: str) -> str:
+    return fingerprint(json.dumps(load_prompts(prompts_dir), sort_keys=True, ensure_ascii=False))
+
+
+# ---- worker side -------------------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, prompts_dir: str) -> None:
+    from billa.tokenizer.load import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    _WORKER["tokenizer"] = tokenizer
+    _WORKER["prompts"] = load_prompts(prompts_dir)
+
+
+def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> ShardResult:
+    """Read one file, apply the objective to every record, write the shard atomically."""
+    tokenizer = _WORKER["tokenizer"]
+    ctx = ObjectiveContext(
+        encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        max_len=settings.max_len,
+        prompts=_WORKER["prompts"],
+        translation_extra_newline=settings.translation_extra_newline,
+    )
+    objective = OBJECTIVES[settings.objective]
+    stats = ReadStats()
+    ids, labels, lines, dropped = [], [], [], 0
+    what = f"data.sources.{settings.source}"
+    for record in read_records(path, settings.fmt, what, stats, settings.on_error, **dict(settings.reader_options)):
+        example = objective(record.fields, ctx, record_rng(settings.seed, settings.source, record.where))
+        if example is None:
+            dropped += 1
+            continue
+        ids.append(example.input_ids)
+        labels.append(example.labels)
+        lines.append(record.line)
+    tmp = Path(shard_dir + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "line": datasets.Value("int64"),
+        }
+    )
+    datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "line": lines}, features=features).save_to_disk(
+        str(tmp)
+    )
+    result_stats = {
+        "records": stats.read,
+        "filtered": stats.filtered,
+        "skipped_malformed": stats.skipped,
+        "skipped_examples": stats.skipped_examples,
+        "no_target_after_truncation": dropped,
+    }
+    (tmp / _SHARD_DONE).write_text(json.dumps({"file": path, "examples": len(ids), "stats": result_stats}))
+    try:
+        os.replace(tmp, shard_dir)
+    except OSError:  # a concurrent pass finished the same shard: identical content
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ShardResult(shard_dir, len(ids), result_stats)
+
+
+# ---- driver side -------------------------------------------------------------------------------------------------
+def tokenize_source(
+    pattern: str,
+    settings: ObjectiveSettings,
+    tokenizer_dir: str,
+    prompts_dir: str,
+    cache_root: str | os.PathLike,
+    num_proc: int = 1,
+    what: str = "data.sources",
+) -> tuple[datasets.Dataset, dict]:
+    """Tokenise every file of ``pattern`` once (reusing finished shards); return the concatenated dataset + stats."""
+    files = expand_paths(pattern, what)
+    settings_key = fingerprint(
+        json.dumps(asdict(settings), sort_keys=True),
+        tokenizer_fingerprint(tokenizer_dir),
+        prompts_fingerprint(prompts_dir),
+    )
+    root = Path(cache_root) / settings.source / settings_key
+    root.mkdir(parents=True, exist_ok=True)
+    shards, todo = {}, []
+    for path in files:
+        shard = root / fingerprint(files=(path,))
+        if (shard / _SHARD_DONE).is_file():
+            shards[path] = ShardResult(str(shard), -1, reused=True)
+        else:
+            todo.append((path, str(shard)))
+    if todo:
+        desc = f"tokenising {settings.source} ({len(todo)} of {len(files)} files)"
+        if num_proc > 1 and len(todo) > 1:
+            # spawn, not fork: the caller may already hold threads (DataLoader, gloo, tokenizers' pool)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer_dir, prompts_dir)) as pool:
+                futures = {pool.submit(_tokenize_file, path, settings, shard): path for path, shard in todo}
+                for future in tqdm(futures, desc=desc, unit="file"):
+                    shards[futures[future]] = future.result()
+        else:
+            _init_worker(tokenizer_dir, prompts_dir)
+            for path, shard in tqdm(todo, desc=desc, unit="file", disable=len(todo) < 2):
+                shards[path] = _tokenize_file(path, settings, shard)
+    parts, totals = [], {}
+    for path in files:  # input order, whatever order the workers finished in
+        shard = Path(shards[path].path)
+        parts.append(datasets.load_from_disk(str(shard)))
+        info = json.loads((shard / _SHARD_DONE).read_text())
+        for key, value in info["stats"].items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+        totals.setdefault("skipped_examples", []).extend(info["stats"].get("skipped_examples", [])[:2])
+    totals["files"] = len(files)
+    totals["reused_shards"] = sum(r.reused for r in shards.values())
+    dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    totals["examples"] = len(dataset)
+    return dataset.with_format("python", columns=["input_ids", "labels"]), totals

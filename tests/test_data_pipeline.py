@@ -1,0 +1,198 @@
+"""Readers in every format, tokenise-once cache (reuse, resume after a kill), exact mixing, sharding and resume."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from billa.data.cache import ObjectiveSettings, tokenize_source
+from billa.data.datamodule import DEFAULT_PROMPTS_DIR, BillaDataModule
+from billa.data.mixing import MixedDataset, StreamSampler
+from billa.data.objectives import Example
+from billa.data.readers import DataFormatError, ReadStats, read_records
+
+PILE = [{"text": f"document number {i}", "meta": {"pile_set_name": "Pile-CC" if i % 3 else "Github"}} for i in range(9)]
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_every_file_format_reads_the_same_records(tmp_path):
+    texts = [r["text"] for r in PILE]
+    _jsonl(tmp_path / "a.jsonl", PILE)
+    (tmp_path / "b.json").write_text(json.dumps(PILE), encoding="utf-8")
+    with pa.CompressedOutputStream(str(tmp_path / "c.jsonl.zst"), "zstd") as out:
+        out.write("".join(json.dumps(r) + "\n" for r in PILE).encode())
+    pq.write_table(pa.Table.from_pylist([{"text": r["text"]} for r in PILE]), tmp_path / "d.parquet")
+    for name in ("a.jsonl", "b.json", "c.jsonl.zst", "d.parquet"):
+        records = list(read_records(tmp_path / name, "pile", "data.sources.en.train"))
+        assert [r.fields["text"] for r in records] == texts, name
+        assert [r.line for r in records] == list(range(1, 10))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):
+        _jsonl(shards / f"part-{i}.jsonl", PILE[3 * i : 3 * i + 3])
+    assert [r.fields["text"] for r in read_records(shards, "pile", "x")] == texts  # a directory of shards
+    assert [r.fields["text"] for r in read_records(shards / "part-*.jsonl", "pile", "x")] == texts  # a glob
+    stats = ReadStats()
+    kept = list(read_records(tmp_path / "a.jsonl", "pile", "x", stats, pile_sets=["Pile-CC"]))
+    assert len(kept) == 6 and stats.filtered == 3  # BiLLa's PILE filter is counted, not silent
+
+
+def test_translation_instruction_and_task_formats(tmp_path):
+    _jsonl(tmp_path / "wmt.jsonl", [{"translation": {"en": "Hi", "zh": "你好"}}])
+    assert next(read_records(tmp_path / "wmt.jsonl", "translation", "x")).fields == {"en": "Hi", "zh": "你好"}
+    _jsonl(tmp_path / "dolly.jsonl", [{"instruction": "Sum", "context": "1,2", "response": "3", "category": "qa"}])
+    fields = next(read_records(tmp_path / "dolly.jsonl", "instruction", "x")).fields
+    assert fields == {"instruction": "Sum", "input": "1,2", "output": "3"}
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "Hello"}]))
+    assert next(read_records(tmp_path / "alpaca.json", "instruction", "x")).fields["output"] == "Hello"
+    _jsonl(tmp_path / "task.jsonl", [{"id": 1, "input": "1+1", "output": "2"}])  # type may be missing
+    assert next(read_records(tmp_path / "task.jsonl", "task", "x")).fields == {
+        "input": "1+1",
+        "output": "2",
+        "type": None,
+    }
+
+
+def test_malformed_records_raise_or_are_counted(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\nnot json\n{"no_text": 1}\n{"text": "ok too"}\n', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=rf"{path}:2: not valid JSON"):
+        list(read_records(path, "pile", "x"))
+    stats = ReadStats()
+    records = list(read_records(path, "pile", "x", stats, on_error="skip"))
+    assert [r.line for r in records] == [1, 4]
+    assert stats.skipped == 2 and stats.read == 2
+    assert stats.skipped_examples[0].startswith(f"{path}:2:") and stats.skipped_examples[1].startswith(f"{path}:3:")
+
+
+def _settings(source="en", max_len=64):
+    return ObjectiveSettings(source, "pile", "causal_lm", max_len, 0, False)
+
+
+def test_tokenise_once_reuses_and_resumes(tmp_path, sample_tokenizer_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        _jsonl(data / f"part-{i}.jsonl", [{"text": f"shard {i} line {j} 你好"} for j in range(5)])
+    cache = tmp_path / "cache"
+    args = (str(data / "*.jsonl"), _settings(), sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), cache)
+    first, stats = tokenize_source(*args, num_proc=2)
+    assert len(first) == 20 and stats["reused_shards"] == 0 and stats["files"] == 4
+    again, stats = tokenize_source(*args)
+    assert stats["reused_shards"] == 4 and again[:] == first[:]
+    # a pass killed while writing part-2: its shard never got its completion marker (only a .tmp directory)
+    shards = sorted(p for p in next((cache / "en").iterdir()).iterdir() if p.is_dir())
+    victim = next(
+        p for p in shards if json.loads((p / "billa_shard.json").read_text())["file"].endswith("part-2.jsonl")
+    )
+    untouched = {p: (p / "billa_shard.json").stat().st_mtime_ns for p in shards if p != victim}
+    victim.rename(victim.with_name(victim.name + ".tmp999"))
+    resumed, stats = tokenize_source(*args)
+    assert stats["reused_shards"] == 3  # only the unfinished file is tokenised again
+    assert resumed[:] == first[:]
+    assert all((p / "billa_shard.json").stat().st_mtime_ns == t for p, t in untouched.items())
+    # a changed file or changed objective settings get new shards
+    _jsonl(data / "part-0.jsonl", [{"text": "changed"}])
+    _, stats = tokenize_source(*args)
+    assert stats["reused_shards"] == 3 and stats["examples"] == 16
+    _, stats = tokenize_source(
+        str(data / "*.jsonl"), _settings(max_len=32), sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), cache
+    )
+    assert stats["reused_shards"] == 0
+
+
+def _examples(tag: int, n: int) -> list[Example]:
+    return [Example([tag, i], [tag, i]) for i in range(n)]
+
+
+def test_mix_is_exact_in_every_micro_batch_across_ranks():
+    weights = {"zh": 4, "en": 4, "translate": 2, **{f"task{i}": 1 for i in range(10)}}  # stage 2: 10 + 10
+    sources = {name: _examples(k, 7 + k) for k, name in enumerate(weights)}
+    data = MixedDataset(sources, weights, num_samples=20 * 2 * 6, seed=0)
+    for rank in range(2):
+        loader = DataLoader(
+            data,
+            batch_size=20,
+            sampler=StreamSampler(len(data), rank, 2, block=20),
+            collate_fn=lambda items: [item["source"] for item in items],
+        )
+        for batch in loader:
+            counts = Counter(batch)
+            assert counts == Counter(weights)
+            lm = counts["zh"] + counts["en"] + counts["translate"]
+            assert lm == 10 and len(batch) - lm == 10
+
+
+class _Indices(Dataset):
+    def __len__(self):
+        return 200
+
+    def __getitem__(self, index):
+        return index
+
+
+def test_ranks_and_workers_get_disjoint_complete_shares():
+    seen = []
+    for rank in range(2):
+        sampler = StreamSampler(200, rank, 2, block=4)
+        loader = DataLoader(_Indices(), batch_size=4, sampler=sampler, num_workers=2)
+        rank_indices = [int(i) for batch in loader for i in batch]
+        assert len(rank_indices) == len(sampler) == 100
+        seen.extend(rank_indices)
+    assert sorted(seen) == list(range(200))  # disjoint and complete
+
+
+@pytest.fixture(scope="module")
+def datamodule_factory(sample_corpus, sample_tokenizer_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("tokenized")
+    sources = {
+        "zh": {"kind": "text", "format": "wudao", "train": str(sample_corpus / "wudao/train.json"), "val": None},
+        "translate": {
+            "kind": "translation",
+            "format": "translation",
+            "train": str(sample_corpus / "translation/train.jsonl"),
+            "val": None,
+        },
+    }
+
+    def make(resume_samples: int = 0) -> BillaDataModule:
+        dm = BillaDataModule(
+            sources,
+            {"zh": 2, "translate": 1},
+            {"text": "conditional_generation", "translation": "translation"},
+            sample_tokenizer_dir,
+            max_seq_length=64,
+            micro_batch_size=6,
+            global_batch_size=6,
+            num_samples=6 * 20,
+            seed=3,
+            token_cache_dir=str(cache),
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.load_state_dict({"consumed_samples": resume_samples, "seed": 3})
+        return dm
+
+    return make
+
+
+def test_resume_gives_identical_batches(datamodule_factory):
+    full = list(datamodule_factory().train_dataloader())
+    assert len(full) == 20
+    resumed = list(datamodule_factory(resume_samples=6 * 7).train_dataloader())
+    assert len(resumed) == 13
+    for a, b in zip(full[7:], resumed, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+        assert a["source"] == b["source"]
+    assert Counter(full[0]["source"]) == {"zh": 4, "translate": 2}
