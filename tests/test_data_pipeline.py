@@ -196,3 +196,53 @@ def test_resume_gives_identical_batches(datamodule_factory):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
         assert a["source"] == b["source"]
     assert Counter(full[0]["source"]) == {"zh": 4, "translate": 2}
+
+
+def test_packing_matches_separate_samples():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from billa.data.collate import PackCollator, PadCollator
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for n in (5, 9, 3, 12, 7):
+        ids = [1, *torch.randint(3, 100, (n - 1,), generator=g).tolist()]
+        items.append({"input_ids": ids, "labels": [-100, *ids[1:]], "source": "zh"})
+    packed = PackCollator(pad_id=0, max_len=16)(items)
+    assert packed["input_ids"].shape[0] < len(items)  # fewer rows than samples
+    assert packed["attention_mask"].shape == (
+        packed["input_ids"].shape[0],
+        1,
+        packed["input_ids"].shape[1],
+        packed["input_ids"].shape[1],
+    )
+    assert sorted(packed["sample_tokens"]) == [3, 5, 7, 9, 12]
+    logits = model(
+        input_ids=packed["input_ids"], attention_mask=packed["attention_mask"], position_ids=packed["position_ids"]
+    ).logits
+    # every sample's logits in its packed row equal its logits alone (no attention across samples)
+    for item in items:
+        alone = model(input_ids=torch.tensor([item["input_ids"]])).logits[0]
+        n = len(item["input_ids"])
+        found = False
+        for row in range(packed["input_ids"].shape[0]):
+            ids = packed["input_ids"][row].tolist()
+            for start in range(len(ids) - n + 1):
+                if ids[start : start + n] == item["input_ids"] and packed["position_ids"][row, start] == 0:
+                    torch.testing.assert_close(logits[row, start : start + n], alone, atol=1e-5, rtol=1e-5)
+                    found = True
+        assert found
+    # the loss-bearing tokens are those of the padded layout, minus nothing (first labels are -100 already)
+    padded = PadCollator(pad_id=0)(items)
+    assert int((packed["labels"] != -100).sum()) == int((padded["labels"] != -100).sum())

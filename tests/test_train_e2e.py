@@ -78,3 +78,23 @@ def test_export_is_a_loadable_hf_directory_that_generates(trained):
     assert set(trained_state) == set(exported)
     for name, tensor in exported.items():
         torch.testing.assert_close(tensor, trained_state[name], rtol=0, atol=0, msg=name)
+
+
+def test_packed_layout_trains(tmp_path, cache_dir, sample_tokenizer_dir):
+    cfg = compose_train(
+        [
+            "logger=none",
+            "trainer.max_steps=20",
+            "val_every_n_steps=20",
+            "scheduler.warmup_steps=2",
+            "data.layout=pack",
+            "data.val_max_records=16",
+            "trainer.enable_progress_bar=false",
+            "export.verify=false",
+        ],
+        output_dir=tmp_path,
+        cache=cache_dir,
+    )
+    result = run(cfg)
+    assert result["global_step"] == 20
+    assert result["val_loss"] < result["val_loss_start"] - 0.5

@@ -47,9 +47,9 @@ class Throughput(L.Callback):
         if self._start is None:
             self._start = time.perf_counter()
             self._last_step = trainer.global_step
-        self._tokens += int(batch["attention_mask"].sum())
-        for row, source in enumerate(batch.get("source", ())):  # cumulative per-source accounting
-            self.source_tokens[source] = self.source_tokens.get(source, 0) + int(batch["attention_mask"][row].sum())
+        self._tokens += sum(batch["sample_tokens"])
+        for source, tokens in zip(batch.get("source", ()), batch["sample_tokens"], strict=False):
+            self.source_tokens[source] = self.source_tokens.get(source, 0) + tokens  # cumulative per source
             self.source_samples[source] = self.source_samples.get(source, 0) + 1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:

@@ -45,6 +45,7 @@ def build_datamodule(cfg: DictConfig, plan: BatchPlan, tokenizer_dir: str) -> Bi
         on_error=data.get("on_error", "raise"),
         token_cache_dir=data.get("token_cache_dir"),
         num_proc=data.get("num_proc", 1),
+        layout=data.get("layout", "pad"),
     )
 
 

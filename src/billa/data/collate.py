@@ -1,4 +1,8 @@
-"""Batching: right-pad a list of examples to the longest one."""
+"""Batching: truncate-and-pad per sample (BiLLa), or pack several samples into one sequence.
+
+Both collators return ``input_ids``, ``labels`` and ``attention_mask`` for the model, plus ``source`` and
+``sample_tokens`` (one entry per sample) for per-source accounting.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,15 @@ import torch
 from billa.data.objectives import IGNORE
 
 
+def _accounting(items: list[dict]) -> dict:
+    batch = {"sample_tokens": [len(item["input_ids"]) for item in items]}
+    if "source" in items[0]:
+        batch["source"] = [item["source"] for item in items]
+    return batch
+
+
 class PadCollator:
-    """Pad ``input_ids`` with ``pad_id`` and ``labels`` with -100; build the attention mask."""
+    """One sample per row: right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100; a 2D attention mask."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -20,10 +31,66 @@ class PadCollator:
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, item in enumerate(items):
             n = len(item["input_ids"])
-            input_ids[row, :n] = torch.tensor(item["input_ids"])
-            labels[row, :n] = torch.tensor(item["labels"])
+            input_ids[row, :n] = torch.as_tensor(item["input_ids"])
+            labels[row, :n] = torch.as_tensor(item["labels"])
             attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        if "source" in items[0]:
-            batch["source"] = [item["source"] for item in items]  # for per-source token accounting
-        return batch
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, **_accounting(items)}
+
+
+class PackCollator:
+    """Pack the micro batch's samples into rows of at most ``max_len`` tokens (first-fit decreasing).
+
+    Position ids restart at 0 for every sample, and a block-diagonal causal 4D mask (additive: 0 = attend,
+    -inf = masked; shape (R, 1, T, T)) stops attention across samples, so each sample sees exactly what it would
+    see alone. The first label of every sample after the first in a row is -100: the model must not learn to
+    predict a sample's BOS from the previous sample. Padding tokens attend only to themselves.
+    """
+
+    def __init__(self, pad_id: int, max_len: int):
+        self.pad_id, self.max_len = pad_id, max_len
+
+    def _bins(self, lengths: list[int]) -> list[list[int]]:
+        bins: list[list[int]] = []
+        space: list[int] = []
+        for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            for b, free in enumerate(space):
+                if lengths[index] <= free:
+                    bins[b].append(index)
+                    space[b] -= lengths[index]
+                    break
+            else:
+                bins.append([index])
+                space.append(self.max_len - lengths[index])
+        return bins
+
+    def __call__(self, items: list[dict]) -> dict:
+        bins = self._bins([len(item["input_ids"]) for item in items])
+        width = max(sum(len(items[i]["input_ids"]) for i in b) for b in bins)
+        rows = len(bins)
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)  # (R, T)
+        labels = torch.full((rows, width), IGNORE, dtype=torch.long)
+        position_ids = torch.zeros((rows, width), dtype=torch.long)
+        segment = torch.full((rows, width), -1, dtype=torch.long)  # sample index per token; -1 = padding
+        for row, members in enumerate(bins):
+            start = 0
+            for k, index in enumerate(members):
+                n = len(items[index]["input_ids"])
+                input_ids[row, start : start + n] = torch.as_tensor(items[index]["input_ids"])
+                labels[row, start : start + n] = torch.as_tensor(items[index]["labels"])
+                if k:
+                    labels[row, start] = IGNORE
+                position_ids[row, start : start + n] = torch.arange(n)
+                segment[row, start : start + n] = k
+                start += n
+        same = segment[:, :, None] == segment[:, None, :]  # (R, T, T)
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        pad_self = (segment[:, :, None] < 0) & torch.eye(width, dtype=torch.bool)
+        allowed = (same & causal & (segment[:, :, None] >= 0)) | pad_self
+        mask = torch.zeros((rows, 1, width, width)).masked_fill(~allowed[:, None], float("-inf"))
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "attention_mask": mask,
+            **_accounting(items),
+        }

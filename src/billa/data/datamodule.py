@@ -9,7 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from billa.data.cache import ObjectiveSettings, tokenize_source
-from billa.data.collate import PadCollator
+from billa.data.collate import PackCollator, PadCollator
 from billa.data.mixing import MixedDataset, StreamSampler
 from billa.data.objectives import OBJECTIVES
 from billa.data.readers import record_kind
@@ -40,6 +40,7 @@ class BillaDataModule(L.LightningDataModule):
         on_error: ``raise`` at the first malformed record (naming file and line), or ``skip``: count, report, log.
         token_cache_dir: where tokenised Arrow shards are kept (``billa.data.cache``).
         num_proc: tokenisation worker processes.
+        layout: ``pad`` (truncate and pad each sample, BiLLa) or ``pack`` (several samples per row, see PackCollator).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class BillaDataModule(L.LightningDataModule):
         on_error: str = "raise",
         token_cache_dir: str | None = None,
         num_proc: int = 1,
+        layout: str = "pad",
     ):
         super().__init__()
         self.sources = {name: dict(spec) for name, spec in sources.items()}
@@ -81,6 +83,9 @@ class BillaDataModule(L.LightningDataModule):
         self.on_error = on_error
         self.token_cache_dir = token_cache_dir or str(Path.home() / ".cache" / "billa" / "tokenized")
         self.num_proc = num_proc
+        if layout not in ("pad", "pack"):
+            raise ValueError(f"data.layout={layout!r}: expected pad (BiLLa: one sample per row) or pack")
+        self.layout = layout
         self.train_set: MixedDataset | None = None
         self.val_set: list[dict] | None = None
         self.stats: dict[str, dict] = {}
@@ -182,7 +187,9 @@ class BillaDataModule(L.LightningDataModule):
             self.train_set,
             batch_size=self.micro_batch_size,
             sampler=sampler,
-            collate_fn=PadCollator(self.pad_id),
+            collate_fn=PackCollator(self.pad_id, self.max_seq_length)
+            if self.layout == "pack"
+            else PadCollator(self.pad_id),
             num_workers=self.num_workers,
         )
 

@@ -84,7 +84,12 @@ class BillaLM(L.LightningModule):
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the label tokens of the batch (labels -100 carry no loss)."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],  # (B, T) padding mask, or (B, 1, T, T) for packed rows
+            position_ids=batch.get("position_ids"),  # restarts per sample in packed rows
+            labels=batch["labels"],
+        )
         return out.loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
