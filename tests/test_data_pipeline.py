@@ -246,3 +246,14 @@ def test_packing_matches_separate_samples():
     # the loss-bearing tokens are those of the padded layout, minus nothing (first labels are -100 already)
     padded = PadCollator(pad_id=0)(items)
     assert int((packed["labels"] != -100).sum()) == int((padded["labels"] != -100).sum())
+
+
+def test_probability_mixing_follows_the_weights_and_is_a_function_of_the_index():
+    sources = {"a": _examples(0, 50), "b": _examples(1, 30)}
+    data = MixedDataset(sources, {"a": 0.75, "b": 0.25}, num_samples=4000, seed=0, mode="probability")
+    counts = Counter(data[i]["source"] for i in range(4000))
+    assert counts["a"] / 4000 == pytest.approx(0.75, abs=0.03)
+    again = MixedDataset(sources, {"a": 0.75, "b": 0.25}, num_samples=4000, seed=0, mode="probability")
+    assert [again.locate(i) for i in range(0, 4000, 37)] == [data.locate(i) for i in range(0, 4000, 37)]
+    b = [data.locate(i)[1] for i in range(4000) if data.locate(i)[0] == "b"]
+    assert sorted(b[:30]) == list(range(30))  # each source still walks a permutation before repeating

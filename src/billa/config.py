@@ -74,9 +74,15 @@ def validate(cfg: DictConfig) -> BatchPlan:
     if not mix:
         raise ConfigError("`data.mix` is empty: the stage must name at least one source with a weight")
     sources = cfg.data.get("sources") or {}
+    mode = cfg.data.get("mix_mode", "round_robin")
+    if mode not in ("round_robin", "probability"):
+        raise ConfigError(f"`data.mix_mode`={mode!r}: expected round_robin (BiLLa) or probability")
     for name, weight in mix.items():
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
-            raise ConfigError(f"`data.mix.{name}` must be a positive integer weight, got {weight!r}")
+        integer = isinstance(weight, int) and not isinstance(weight, bool)
+        if mode == "round_robin" and (not integer or weight < 1):
+            raise ConfigError(f"`data.mix.{name}` must be a positive integer weight (round robin), got {weight!r}")
+        if mode == "probability" and (isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0):
+            raise ConfigError(f"`data.mix.{name}` must be a positive number (probability mixing), got {weight!r}")
         if name not in sources:
             raise ConfigError(
                 f"`data.mix` names source {name!r} (stage={cfg.stage_name}) but `data.sources` has no such entry; "

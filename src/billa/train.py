@@ -46,6 +46,7 @@ def build_datamodule(cfg: DictConfig, plan: BatchPlan, tokenizer_dir: str) -> Bi
         token_cache_dir=data.get("token_cache_dir"),
         num_proc=data.get("num_proc", 1),
         layout=data.get("layout", "pad"),
+        mix_mode=data.get("mix_mode", "round_robin"),
     )
 
 

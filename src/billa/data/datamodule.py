@@ -40,6 +40,7 @@ class BillaDataModule(L.LightningDataModule):
         on_error: ``raise`` at the first malformed record (naming file and line), or ``skip``: count, report, log.
         token_cache_dir: where tokenised Arrow shards are kept (``billa.data.cache``).
         num_proc: tokenisation worker processes.
+        mix_mode: ``round_robin`` (integer weights, exact per cycle; BiLLa) or ``probability`` (weights as odds).
         layout: ``pad`` (truncate and pad each sample, BiLLa) or ``pack`` (several samples per row, see PackCollator).
     """
 
@@ -63,6 +64,7 @@ class BillaDataModule(L.LightningDataModule):
         token_cache_dir: str | None = None,
         num_proc: int = 1,
         layout: str = "pad",
+        mix_mode: str = "round_robin",
     ):
         super().__init__()
         self.sources = {name: dict(spec) for name, spec in sources.items()}
@@ -86,6 +88,7 @@ class BillaDataModule(L.LightningDataModule):
         if layout not in ("pad", "pack"):
             raise ValueError(f"data.layout={layout!r}: expected pad (BiLLa: one sample per row) or pack")
         self.layout = layout
+        self.mix_mode = mix_mode
         self.train_set: MixedDataset | None = None
         self.val_set: list[dict] | None = None
         self.stats: dict[str, dict] = {}
@@ -168,7 +171,7 @@ class BillaDataModule(L.LightningDataModule):
         tokenizer = load_tokenizer(self.tokenizer_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         train = {name: self._tokenized(name, "train") for name in self.mix}
-        self.train_set = MixedDataset(train, self.mix, self.num_samples, self.seed)
+        self.train_set = MixedDataset(train, self.mix, self.num_samples, self.seed, self.mix_mode)
         self.val_set = []
         for name, split in self._splits():
             if split == "val":

@@ -25,21 +25,45 @@ def round_robin_cycle(weights: Mapping[str, int]) -> list[str]:
 
 
 class MixedDataset(Dataset):
-    """``num_samples`` samples drawn by round robin from per-source example lists."""
+    """``num_samples`` samples drawn from per-source example lists, by round robin or by probability.
+
+    ``mode="round_robin"`` (BiLLa): integer weights, exact ratios in every cycle. ``mode="probability"``: each sample's
+    source is drawn with probability proportional to its weight (a seeded draw for the whole stream, so the stream
+    is still a pure function of the sample index: sharding and exact resume work the same).
+    """
 
     def __init__(
-        self, sources: Mapping[str, Sequence[Example]], weights: Mapping[str, int], num_samples: int, seed: int
+        self,
+        sources: Mapping[str, Sequence],
+        weights: Mapping[str, float],
+        num_samples: int,
+        seed: int,
+        mode: str = "round_robin",
     ):
         empty = [name for name in weights if not sources.get(name)]
         if empty:
             raise ValueError(f"sources {empty} have no usable examples; every source in data.mix needs at least one")
+        if mode not in ("round_robin", "probability"):
+            raise ValueError(f"data.mix_mode={mode!r}: expected round_robin or probability")
         self.sources = sources
         self.weights = dict(weights)
-        self.cycle = round_robin_cycle(self.weights)
-        # occurrence of each slot's source before it in the cycle: slot -> k-th time this source appears
-        self._rank_in_cycle = [self.cycle[:slot].count(name) for slot, name in enumerate(self.cycle)]
+        self.mode = mode
         self.num_samples = num_samples
         self.seed = seed
+        if mode == "round_robin":
+            self.cycle = round_robin_cycle(self.weights)
+            # occurrence of each slot's source before it in the cycle: slot -> k-th time this source appears
+            self._rank_in_cycle = [self.cycle[:slot].count(name) for slot, name in enumerate(self.cycle)]
+        else:
+            names = list(self.weights)
+            p = np.array([self.weights[n] for n in names], dtype=np.float64)
+            draw = np.random.default_rng([seed, 0x6D6978]).choice(len(names), size=num_samples, p=p / p.sum())
+            self._names = names
+            self._source_of = draw.astype(np.int16)
+            self._occurrence = np.empty(num_samples, dtype=np.int64)
+            for k in range(len(names)):
+                where = np.nonzero(draw == k)[0]
+                self._occurrence[where] = np.arange(len(where))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -51,9 +75,12 @@ class MixedDataset(Dataset):
 
     def locate(self, index: int) -> tuple[str, int]:
         """(source name, example index within the source) of stream sample ``index``."""
-        cycle_no, slot = divmod(index, len(self.cycle))
-        name = self.cycle[slot]
-        occurrence = cycle_no * self.weights[name] + self._rank_in_cycle[slot]
+        if self.mode == "probability":
+            name, occurrence = self._names[self._source_of[index]], int(self._occurrence[index])
+        else:
+            cycle_no, slot = divmod(index, len(self.cycle))
+            name = self.cycle[slot]
+            occurrence = cycle_no * self.weights[name] + self._rank_in_cycle[slot]
         epoch, within = divmod(occurrence, len(self.sources[name]))
         return name, int(self._permutation(name, epoch)[within])
 
