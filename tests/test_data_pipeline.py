@@ -90,7 +90,8 @@ def test_tokenise_once_reuses_and_resumes(tmp_path, sample_tokenizer_dir):
     first, stats = tokenize_source(*args, num_proc=2)
     assert len(first) == 20 and stats["reused_shards"] == 0 and stats["files"] == 4
     again, stats = tokenize_source(*args)
-    assert stats["reused_shards"] == 4 and again[:] == first[:]
+    rows = lambda dataset: dataset.with_format("python")[:]  # noqa: E731
+    assert stats["reused_shards"] == 4 and rows(again) == rows(first)
     # a pass killed while writing part-2: its shard never got its completion marker (only a .tmp directory)
     shards = sorted(p for p in next((cache / "en").iterdir()).iterdir() if p.is_dir())
     victim = next(
@@ -100,7 +101,7 @@ def test_tokenise_once_reuses_and_resumes(tmp_path, sample_tokenizer_dir):
     victim.rename(victim.with_name(victim.name + ".tmp999"))
     resumed, stats = tokenize_source(*args)
     assert stats["reused_shards"] == 3  # only the unfinished file is tokenised again
-    assert resumed[:] == first[:]
+    assert rows(resumed) == rows(first)
     assert all((p / "billa_shard.json").stat().st_mtime_ns == t for p, t in untouched.items())
     # a changed file or changed objective settings get new shards
     _jsonl(data / "part-0.jsonl", [{"text": "changed"}])

@@ -1,15 +1,17 @@
 """Tokenise once: records -> (input_ids, labels) written as memory-mapped Arrow shards, reused across runs.
 
-Every input file is one unit of work, processed by a pool of ``num_proc`` workers and written as a ``datasets``
-Arrow directory under ``<cache>/<key>/``, renamed into place only when complete. The key covers what determines the
-tokens: the file's content (a BLAKE2 hash of its bytes), the tokenizer files, the objective and its settings (max
-length, seed, prompts, source name). Rerunning reuses every finished shard; a killed pass redoes only the files whose
-shards were not finished. ``datasets`` memory-maps the shards, so a 7B run's corpus costs page cache, not RAM.
+Every input file is one unit of work, processed by a pool of ``num_proc`` workers in chunks (one batched encode per
+chunk) and streamed into an Arrow file under ``<cache>/<source>/<key>/<file hash>/``, renamed into place only when
+complete. The key covers what determines the tokens: the file's content (a BLAKE2 hash of its bytes), the tokenizer
+files, the objective and its settings (max length, seed, prompts, source name). Rerunning reuses every finished
+shard; a killed pass redoes only the files whose shards were not finished. ``datasets`` memory-maps the shards, so a
+7B run's corpus costs page cache, not RAM.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -92,41 +94,80 @@ def _init_worker(tokenizer_dir: str, prompts_dir: str) -> None:
     _WORKER["prompts"] = load_prompts(prompts_dir)
 
 
+_CHUNK = 2000  # records tokenised together (one batched encode, one Arrow record batch)
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("line", pa.int64())])
+
+
+def _encode_chunk(records: list, settings: ObjectiveSettings, ctx: ObjectiveContext, tokenizer) -> tuple[list, int]:
+    """Apply the objective to a chunk of records with one batched encode.
+
+    Objectives are pure functions whose strings to encode depend only on the record and its RNG, so a first pass
+    records those strings, one batched call encodes them, and a second pass builds the examples from the lookup.
+    """
+    objective = OBJECTIVES[settings.objective]
+    wanted: dict[str, None] = {}
+
+    def record_text(text: str) -> list[int]:
+        wanted[text] = None
+        return []
+
+    ctx.encode = record_text
+    for record in records:
+        objective(record.fields, ctx, record_rng(settings.seed, settings.source, record.where))
+    texts = list(wanted)
+    encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)) if texts else {}
+    ctx.encode = encoded.__getitem__
+    examples, dropped = [], 0
+    for record in records:
+        example = objective(record.fields, ctx, record_rng(settings.seed, settings.source, record.where))
+        if example is None:
+            dropped += 1
+        else:
+            examples.append((example, record.line))
+    return examples, dropped
+
+
 def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> ShardResult:
-    """Read one file, apply the objective to every record, write the shard atomically."""
+    """Read one file in chunks, apply the objective, stream Arrow record batches, rename the shard into place."""
+    import pyarrow as pa
+
     tokenizer = _WORKER["tokenizer"]
     ctx = ObjectiveContext(
-        encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
+        encode=None,
         bos_id=tokenizer.bos_token_id,
         eos_id=tokenizer.eos_token_id,
         max_len=settings.max_len,
         prompts=_WORKER["prompts"],
         translation_extra_newline=settings.translation_extra_newline,
     )
-    objective = OBJECTIVES[settings.objective]
     stats = ReadStats()
-    ids, labels, lines, dropped = [], [], [], 0
-    what = f"data.sources.{settings.source}"
-    for record in read_records(path, settings.fmt, what, stats, settings.on_error, **dict(settings.reader_options)):
-        example = objective(record.fields, ctx, record_rng(settings.seed, settings.source, record.where))
-        if example is None:
-            dropped += 1
-            continue
-        ids.append(example.input_ids)
-        labels.append(example.labels)
-        lines.append(record.line)
     tmp = Path(shard_dir + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    features = datasets.Features(
-        {
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "labels": datasets.Sequence(datasets.Value("int32")),
-            "line": datasets.Value("int64"),
-        }
-    )
-    datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "line": lines}, features=features).save_to_disk(
-        str(tmp)
-    )
+    tmp.mkdir(parents=True)
+    n_examples = dropped = 0
+    what = f"data.sources.{settings.source}"
+    records = read_records(path, settings.fmt, what, stats, settings.on_error, **dict(settings.reader_options))
+    with pa.OSFile(str(tmp / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
+        while chunk := list(itertools.islice(records, _CHUNK)):
+            examples, chunk_dropped = _encode_chunk(chunk, settings, ctx, tokenizer)
+            dropped += chunk_dropped
+            n_examples += len(examples)
+            if examples:
+                writer.write_batch(
+                    pa.record_batch(
+                        [
+                            pa.array([e.input_ids for e, _ in examples], pa.list_(pa.int32())),
+                            pa.array([e.labels for e, _ in examples], pa.list_(pa.int32())),
+                            pa.array([line for _, line in examples], pa.int64()),
+                        ],
+                        schema=_schema(),
+                    )
+                )
     result_stats = {
         "records": stats.read,
         "filtered": stats.filtered,
@@ -134,12 +175,12 @@ def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> Sh
         "skipped_examples": stats.skipped_examples,
         "no_target_after_truncation": dropped,
     }
-    (tmp / _SHARD_DONE).write_text(json.dumps({"file": path, "examples": len(ids), "stats": result_stats}))
+    (tmp / _SHARD_DONE).write_text(json.dumps({"file": path, "examples": n_examples, "stats": result_stats}))
     try:
         os.replace(tmp, shard_dir)
     except OSError:  # a concurrent pass finished the same shard: identical content
         shutil.rmtree(tmp, ignore_errors=True)
-    return ShardResult(shard_dir, len(ids), result_stats)
+    return ShardResult(shard_dir, n_examples, result_stats)
 
 
 # ---- driver side -------------------------------------------------------------------------------------------------
@@ -184,7 +225,7 @@ def tokenize_source(
     parts, totals = [], {}
     for path in files:  # input order, whatever order the workers finished in
         shard = Path(shards[path].path)
-        parts.append(datasets.load_from_disk(str(shard)))
+        parts.append(datasets.Dataset.from_file(str(shard / "data.arrow")))  # memory-mapped
         info = json.loads((shard / _SHARD_DONE).read_text())
         for key, value in info["stats"].items():
             if isinstance(value, int):
@@ -194,4 +235,4 @@ def tokenize_source(
     totals["reused_shards"] = sum(r.reused for r in shards.values())
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     totals["examples"] = len(dataset)
-    return dataset.with_format("python", columns=["input_ids", "labels"]), totals
+    return dataset.with_format("numpy", columns=["input_ids", "labels"]), totals
