@@ -258,3 +258,47 @@ def test_probability_mixing_follows_the_weights_and_is_a_function_of_the_index()
     assert [again.locate(i) for i in range(0, 4000, 37)] == [data.locate(i) for i in range(0, 4000, 37)]
     b = [data.locate(i)[1] for i in range(4000) if data.locate(i)[0] == "b"]
     assert sorted(b[:30]) == list(range(30))  # each source still walks a permutation before repeating
+
+
+KILL_SCRIPT = """
+import sys, time
+import billa.data.cache as cache
+original = cache._tokenize_file
+def slow(*args):
+    result = original(*args)
+    time.sleep(0.5)  # room for the test to kill the pass between two files
+    return result
+cache._tokenize_file = slow
+from billa.data.cache import ObjectiveSettings, tokenize_source
+tokenize_source(sys.argv[1], ObjectiveSettings("en", "pile", "causal_lm", 64, 0, False), sys.argv[2], sys.argv[3],
+                sys.argv[4], num_proc=1)
+"""
+
+
+def test_a_killed_tokenisation_pass_resumes_without_redoing_finished_shards(tmp_path, sample_tokenizer_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        _jsonl(data / f"part-{i}.jsonl", [{"text": f"file {i} line {j}"} for j in range(50)])
+    cache = tmp_path / "cache"
+    args = [str(data / "*.jsonl"), sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), str(cache)]
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    done = []
+    while time.time() < deadline and len(done) < 3:
+        done = list(cache.rglob("billa_shard.json"))
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent: p.stat().st_mtime_ns for p in cache.rglob("billa_shard.json")}
+    assert 3 <= len(finished) < 8, len(finished)  # killed mid-pass
+    resumed, stats = tokenize_source(args[0], _settings(), sample_tokenizer_dir, args[2], cache)
+    assert stats["reused_shards"] == len(finished)
+    assert all((shard / "billa_shard.json").stat().st_mtime_ns == t for shard, t in finished.items())
+    fresh, _ = tokenize_source(args[0], _settings(), sample_tokenizer_dir, args[2], tmp_path / "fresh")
+    assert resumed.with_format("python")[:] == fresh.with_format("python")[:]

@@ -206,6 +206,17 @@ def export(cfg: DictConfig, trainer: L.Trainer, module: BillaLM, tokenizer_dir: 
     return result
 
 
+def report_data(stats: dict) -> None:
+    """End-of-run data report: records read, examples used, and every record not used and why."""
+    for split, counts in sorted(stats.items()):
+        dropped = {k: counts.get(k, 0) for k in ("filtered", "skipped_malformed", "no_target_after_truncation")}
+        line = f"{split}: {counts.get('records', 0)} records -> {counts.get('examples', 0)} examples"
+        if any(dropped.values()):
+            log.warning("Data report %s; not used: %s %s", line, dropped, counts.get("skipped_examples", [])[:3])
+        else:
+            log.info("Data report %s", line)
+
+
 def run(cfg: DictConfig) -> dict:
     """Train one stage as configured and export the result.
 
@@ -242,7 +253,9 @@ def run(cfg: DictConfig) -> dict:
     probe = next(iter(datamodule.val_dataloader()), None) if datamodule.val_set else None
     result = export(cfg, trainer, module, tokenizer_dir, probe)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    report_data(datamodule.stats)
     return {
+        "data": datamodule.stats,
         **result,
         "val_loss_start": module.val_loss_start,
         "val_loss": metrics.get("val/loss"),

@@ -54,7 +54,7 @@ def record_rng(seed: int, source: str, key: str | int) -> random.Random:
 def load_prompts(prompts_dir: str | Path) -> dict[str, list[str]]:
     """Every ``*.prompt`` file in ``prompts_dir``: file stem -> its non-empty lines (one prompt per line)."""
     prompts = {}
-    for path in sorted(Path(prompts_dir).glob("*.prompt")):
+    for path in sorted(Path(prompts_dir).glob("*.prompt")):  # README.md there describes the naming
         lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
         prompts[path.stem] = [line for line in lines if line.strip()]
     return prompts
