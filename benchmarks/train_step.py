@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,15 +44,21 @@ ARCH = {  # the tiny family, wider so a CPU step takes ~0.1-0.3 s
 VOCAB, LR = 3000, 1e-3
 # (batch, sequence length) per precision: CPUs without native bf16 run autocast-bf16 ~20x slower than fp32
 SHAPES = {"fp32": (8, 256), "bf16": (4, 64)}
-OPTIMIZER = {
-    "_target_": "torch.optim.AdamW",
-    "_partial_": True,
-    "lr": LR,
-    "betas": [0.9, 0.95],
-    "weight_decay": 0.1,
-    "fused": True,
-}  # billa's default (conf/train.yaml)
 SCHEDULER = {"_target_": "billa.model.schedule.cosine_with_warmup", "_partial_": True, "warmup_steps": 5}
+
+
+def billa_optimizer(bf16: bool) -> dict:
+    """The optimizer node billa's train.py builds for this precision (fused AdamW, except under Lightning AMP)."""
+    from hydra import compose, initialize_config_dir
+
+    from billa.train import optimizer_config
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[f"hardware.precision={'bf16-mixed' if bf16 else '32-true'}", f"optimizer.lr={LR}"]
+        )
+    return optimizer_config(cfg)
 
 
 def make_items(n: int, seq: int) -> list[dict]:
@@ -105,14 +112,11 @@ def run_billa(items, steps, warmup, bf16, batch) -> float:
     module = BillaLM(
         model={"architecture": ARCH, "pretrained_path": None},
         vocab_size=VOCAB,
-        optimizer=OPTIMIZER,
+        optimizer=billa_optimizer(bf16),
         scheduler=SCHEDULER,
         total_steps=steps,
         validate_at_start=False,
     )
-    # billa's optimizer as train.py configures it for this precision (fused AdamW, except under Lightning AMP)
-    if not bf16:
-        module.hparams.optimizer = {**OPTIMIZER, "fused": True}
     module.model = fresh_model()
     clock = _Clock(warmup)
     with tempfile.TemporaryDirectory() as tmp:

@@ -302,3 +302,10 @@ def test_a_killed_tokenisation_pass_resumes_without_redoing_finished_shards(tmp_
     assert all((shard / "billa_shard.json").stat().st_mtime_ns == t for shard, t in finished.items())
     fresh, _ = tokenize_source(args[0], _settings(), sample_tokenizer_dir, args[2], tmp_path / "fresh")
     assert resumed.with_format("python")[:] == fresh.with_format("python")[:]
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"hf://billa/does-not-exist@train: cannot stream .* local files"):
+        list(read_records("hf://billa/does-not-exist@train", "pile", "data.sources.en.train"))

@@ -26,6 +26,9 @@ def trained(tmp_path_factory, cache_dir, sample_tokenizer_dir):
             "data.val_max_records=16",
             "trainer.enable_progress_bar=false",
             "hardware.peak_tflops=0.5",  # a made-up peak, so that MFU is logged on CPU
+            "checkpoint.every_n_steps=10",
+            "checkpoint.keep_last=2",
+            "export.max_shard_size=5MB",  # the tiny model in several safetensors shards + index
         ],
         output_dir=out,
         cache=cache_dir,
@@ -59,9 +62,12 @@ def test_validation_loss_falls_below_step_zero(trained, sample_tokenizer_dir):
 def test_export_is_a_loadable_hf_directory_that_generates(trained):
     out, result = trained
     export = Path(result["export_dir"])
-    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {
-        p.name for p in export.iterdir()
-    }
+    files = {p.name for p in export.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json"} <= files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded
+    # checkpoints every 10 steps, the last 2 kept, plus the `last` link
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step=000030.ckpt",
+                                                                        "step=000040.ckpt"]
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert model.config.vocab_size == len(tokenizer) > 3000  # 1,000 English base pieces + the Chinese expansion

@@ -82,8 +82,14 @@ def _hub_rows(spec: str) -> Iterator[tuple[int, object]]:
 
     name, _, split = spec[len(HUB_PREFIX) :].partition("@")
     name, _, config = name.partition(":")
-    stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-    yield from enumerate(stream, start=1)
+    try:
+        stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        yield from enumerate(stream, start=1)
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise FileNotFoundError(
+            f"{spec}: cannot stream this Hugging Face dataset ({type(err).__name__}: {err}). Without network access "
+            "(or with HF_DATASETS_OFFLINE=1) point the source at local files instead."
+        ) from None
 
 
 def _raw_records(path: str) -> Iterator[tuple[int, object]]:
