@@ -66,8 +66,11 @@ def test_export_is_a_loadable_hf_directory_that_generates(trained):
     assert {"config.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json"} <= files
     assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded
     # checkpoints every 10 steps, the last 2 kept, plus the `last` link
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step=000030.ckpt",
-                                                                        "step=000040.ckpt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step=000030.ckpt",
+        "step=000040.ckpt",
+    ]
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert model.config.vocab_size == len(tokenizer) > 3000  # 1,000 English base pieces + the Chinese expansion
@@ -104,3 +107,13 @@ def test_packed_layout_trains(tmp_path, cache_dir, sample_tokenizer_dir):
     result = run(cfg)
     assert result["global_step"] == 20
     assert result["val_loss"] < result["val_loss_start"] - 0.5
+
+
+def test_prepare_only_tokenises_without_training(tmp_path, cache_dir, sample_tokenizer_dir):
+    cfg = compose_train(
+        ["prepare_only=true", f"data.token_cache_dir={tmp_path / 'tok'}"], output_dir=tmp_path, cache=cache_dir
+    )
+    result = run(cfg)
+    assert set(result["data"]) == {"zh/train", "zh/val", "en/train", "en/val", "translate/train", "translate/val"}
+    assert result["data"]["zh/train"]["examples"] == result["data"]["zh/train"]["records"] > 400
+    assert list((tmp_path / "tok").rglob("billa_shard.json")) and not (tmp_path / "checkpoints").exists()

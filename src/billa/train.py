@@ -231,8 +231,12 @@ def run(cfg: DictConfig) -> dict:
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
     vocab_size = len(load_tokenizer(tokenizer_dir))
-    check_memory(cfg, plan, vocab_size)
     datamodule = build_datamodule(cfg, plan, tokenizer_dir)
+    if cfg.get("prepare_only"):  # tokenise every source into the cache and stop (e.g. on a CPU node before a GPU job)
+        datamodule.prepare_data()
+        report_data(datamodule.stats)
+        return {"data": datamodule.stats, "token_cache_dir": datamodule.token_cache_dir}
+    check_memory(cfg, plan, vocab_size)
     module = BillaLM(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         vocab_size=vocab_size,
