@@ -20,6 +20,7 @@ from billa.model.builders import count_parameters
 from billa.model.module import BillaLM
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger, setup_logging
+from billa.utils.secrets import redact
 
 log = get_logger(__name__)
 
@@ -128,7 +129,7 @@ def build_logger(cfg: DictConfig):
     if not cfg.get("logger"):
         return False
     logger = instantiate(cfg.logger)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))  # no API key ever reaches W&B
     return logger
 
 
