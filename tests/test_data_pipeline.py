@@ -167,7 +167,7 @@ def datamodule_factory(sample_corpus, sample_tokenizer_dir, tmp_path_factory):
         },
     }
 
-    def make(resume_samples: int = 0) -> BillaDataModule:
+    def make(resume_samples: int = 0, num_workers: int = 0) -> BillaDataModule:
         dm = BillaDataModule(
             sources,
             {"zh": 2, "translate": 1},
@@ -179,6 +179,7 @@ def datamodule_factory(sample_corpus, sample_tokenizer_dir, tmp_path_factory):
             num_samples=6 * 20,
             seed=3,
             token_cache_dir=str(cache),
+            num_workers=num_workers,
         )
         dm.prepare_data()
         dm.setup("fit")
@@ -309,3 +310,12 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"hf://billa/does-not-exist@train: cannot stream .* local files"):
         list(read_records("hf://billa/does-not-exist@train", "pile", "data.sources.en.train"))
+
+
+def test_worker_processes_see_the_same_stream(datamodule_factory):
+    """Arrow-backed sources survive pickling into dataloader workers; two workers give the same batches, in order."""
+    single = list(datamodule_factory().train_dataloader())
+    workers = list(datamodule_factory(num_workers=2).train_dataloader())
+    assert len(single) == len(workers) == 20
+    for a, b in zip(single, workers, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and a["source"] == b["source"]
