@@ -117,3 +117,23 @@ def test_prepare_only_tokenises_without_training(tmp_path, cache_dir, sample_tok
     assert set(result["data"]) == {"zh/train", "zh/val", "en/train", "en/val", "translate/train", "translate/val"}
     assert result["data"]["zh/train"]["examples"] == result["data"]["zh/train"]["records"] > 400
     assert list((tmp_path / "tok").rglob("billa_shard.json")) and not (tmp_path / "checkpoints").exists()
+
+
+def test_checkpoint_carries_rng_state(trained):
+    import random
+
+    import numpy as np
+
+    out, _ = trained
+    checkpoint = torch.load(out / "checkpoints" / "step=000040.ckpt", map_location="cpu", weights_only=True)
+    rng = checkpoint["billa_rng"]
+    assert rng["torch"].dtype == torch.uint8 and rng["numpy"]["key"].shape == (624,)
+    from billa.model.module import BillaLM
+
+    before = (torch.rand(3), random.random(), np.random.rand())
+    BillaLM.on_load_checkpoint(None, checkpoint)
+    restored = (torch.rand(3), random.random(), np.random.rand())
+    BillaLM.on_load_checkpoint(None, checkpoint)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(restored[0], again[0]) and restored[1:] == again[1:]  # the saved state, replayed exactly
+    assert not torch.equal(before[0], restored[0]) or before[1:] != restored[1:]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 from collections.abc import Mapping
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -136,6 +138,43 @@ class BillaLM(L.LightningModule):
             logger.log_metrics(
                 {"val/loss": self.val_loss_start, "val/ppl": math.exp(min(self.val_loss_start, 30))}, step=0
             )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """RNG state travels with the checkpoint (tensors and plain types, so ``weights_only`` loading works).
+
+        billa's data randomness is stateless (seed + record identity); this covers anything else drawing random
+        numbers (dropout, if a model config enables it). Under ZeRO-3 the client state is rank 0's.
+        """
+        kind, key, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["billa_rng"] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": {
+                "kind": kind,
+                "key": torch.from_numpy(key.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached": float(cached),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("billa_rng")
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        numpy_state = state["numpy"]
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                numpy_state["key"].numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached"],
+            )
+        )
 
     def configure_optimizers(self):
         decay, no_decay = [], []
