@@ -31,3 +31,34 @@ def test_wrong_choice_lists_the_valid_options():
     assert result.returncode != 0
     assert "Could not find 'hardware/tpu-pod'" in result.stderr
     assert "8xa100" in result.stderr and "cpu" in result.stderr
+
+
+def test_multirun_sweep_writes_one_run_per_point(tmp_path, cache_dir, sample_tokenizer_dir):
+    import json
+    import os
+
+    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "logger=csv",
+            "trainer.max_steps=4,6",
+            "val_every_n_steps=2",
+            "scheduler.warmup_steps=1",
+            "trainer.enable_progress_bar=false",
+            "data.val_max_records=8",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for point, steps in (("0", 4), ("1", 6)):
+        run_dir = tmp_path / point
+        assert json.loads((run_dir / "hf" / "config.json").read_text())["model_type"] == "llama"
+        assert (run_dir / "checkpoints" / f"step={steps:06d}.ckpt").is_file()
