@@ -73,6 +73,26 @@ def fingerprint(*parts: bytes | str, files: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()
 
 
+def file_fingerprint(path: str, cache_root: Path) -> str:
+    """Content hash of ``path``, hashed once: reused while the file's size and mtime are unchanged.
+
+    The hashes live in ``<cache_root>/file_hashes.json``, so ``setup`` on every rank (and every later run) reads a
+    small index instead of re-reading the whole corpus.
+    """
+    if path.startswith(HUB_PREFIX):
+        return fingerprint(path)
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    index_path = cache_root / "file_hashes.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    if key not in index:
+        index[key] = fingerprint(files=(path,))
+        tmp = index_path.with_name(f".file_hashes.{os.getpid()}.json")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)  # atomic; a concurrent writer's entries are recomputed on demand, never wrong
+    return index[key]
+
+
 def tokenizer_fingerprint(tokenizer_dir: str) -> str:
     files = tuple(str(p) for p in sorted(Path(tokenizer_dir).glob("tokenizer*")) if p.is_file())
     return fingerprint("tokenizer", files=files)
@@ -204,7 +224,7 @@ def tokenize_source(
     root.mkdir(parents=True, exist_ok=True)
     shards, todo = {}, []
     for path in files:
-        shard = root / fingerprint(files=(path,))
+        shard = root / file_fingerprint(path, Path(cache_root))
         if (shard / _SHARD_DONE).is_file():
             shards[path] = ShardResult(str(shard), -1, reused=True)
         else:

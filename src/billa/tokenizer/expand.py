@@ -259,14 +259,15 @@ def resize_model(
     if not model.config.tie_word_embeddings:
         init_new_rows(model.get_output_embeddings().weight, base_size, init, decompositions, generator)
     out = Path(out_dir)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "expansion_report.json"):
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copyfile(Path(tokenizer_dir) / name, Path(tmp) / name)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(tmp, out)
+    tmp = out.with_name(out.name + ".tmp")  # a sibling: the weights are written once and renamed into place
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "expansion_report.json"):
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
     log.info(
         "Resized %s from %d to %d rows (%s init) into %s",
         base_model,
