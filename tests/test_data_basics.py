@@ -21,17 +21,17 @@ from billa.data.readers import DataFormatError, read_records
 
 
 def test_sample_corpus_is_in_the_real_formats(sample_corpus):
-    wudao = json.loads((sample_corpus / "wudao" / "train.json").read_text(encoding="utf-8"))
+    wudao = json.loads((sample_corpus / "wudao" / "train" / "00000.json").read_text(encoding="utf-8"))
     assert set(wudao[0]) == {"id", "uniqueKey", "titleUkey", "dataType", "title", "content"}
-    pile = [json.loads(line) for line in (sample_corpus / "pile" / "train.jsonl").open(encoding="utf-8")]
+    pile = [json.loads(line) for line in (sample_corpus / "pile" / "train" / "00000.jsonl").open(encoding="utf-8")]
     assert pile[0]["meta"] == {"pile_set_name": "Pile-CC"}
     assert sum(ch.isascii() for ch in pile[0]["text"]) > 0.9 * len(pile[0]["text"])  # the English side
-    pairs = [json.loads(line) for line in (sample_corpus / "translation" / "train.jsonl").open(encoding="utf-8")]
+    pairs = [json.loads(line) for line in (sample_corpus / "translation" / "train" / "00000.jsonl").open(encoding="utf-8")]
     assert set(pairs[0]) == {"en_text", "zh_text"}
-    train = sum(1 for _ in read_records(sample_corpus / "translation" / "train.jsonl", "translation", "t"))
+    train = sum(1 for _ in read_records(sample_corpus / "translation" / "train", "translation", "t"))
     val = sum(1 for _ in read_records(sample_corpus / "translation" / "val.jsonl", "translation", "t"))
     assert train + val == 4354  # every packaged sentence, none lost
-    text = next(read_records(sample_corpus / "wudao" / "train.json", "wudao", "zh")).fields["text"]
+    text = next(read_records(sample_corpus / "wudao" / "train", "wudao", "zh")).fields["text"]
     assert text == wudao[0]["title"] + "\n\n" + wudao[0]["content"]
 
 

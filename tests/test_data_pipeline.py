@@ -158,11 +158,11 @@ def test_ranks_and_workers_get_disjoint_complete_shares():
 def datamodule_factory(sample_corpus, sample_tokenizer_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("tokenized")
     sources = {
-        "zh": {"kind": "text", "format": "wudao", "train": str(sample_corpus / "wudao/train.json"), "val": None},
+        "zh": {"kind": "text", "format": "wudao", "train": str(sample_corpus / "wudao/train"), "val": None},
         "translate": {
             "kind": "translation",
             "format": "translation",
-            "train": str(sample_corpus / "translation/train.jsonl"),
+            "train": str(sample_corpus / "translation/train"),
             "val": None,
         },
     }

@@ -55,7 +55,7 @@ def test_validation_loss_falls_below_step_zero(trained, sample_tokenizer_dir):
     throughput = [row for row in metrics if row.get("train/tokens_per_s")]
     assert throughput
     for row in throughput:  # MFU = tokens/s per device x FLOPs per token / peak (0.5 TFLOPS here)
-        fpt = 6 * tiny_parameter_count(sample_tokenizer_dir) + 12 * 4 * 192 * 128  # 6N + 12 L h s at 128 tokens
+        fpt = 6 * tiny_parameter_count(sample_tokenizer_dir) + 12 * 4 * 192 * 256  # 6N + 12 L h s at 256 tokens
         assert float(row["train/mfu"]) == pytest.approx(float(row["train/tokens_per_s_per_device"]) * fpt / 0.5e12)
 
 

@@ -182,8 +182,8 @@ def test_convert_expand_vocab_end_to_end(tiny_base_model, base_dir, sample_corpu
             f"op.base_model={tiny_base_model}",
             f"op.out_dir={out}",
             "op.vocab_size=2200",
-            f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train.json', format: wudao}},"
-            f"{{path: '{sample_corpus}/translation/train.jsonl', format: translation}}]",
+            f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train/*.json', format: wudao}},"
+            f"{{path: '{sample_corpus}/translation/train/*.jsonl', format: translation}}]",
             f"op.report_text={{zh: [{{path: '{sample_corpus}/wudao/val.json', format: wudao}}]}}",
             "op.pad_to_multiple_of=64",
         ],
@@ -210,7 +210,7 @@ def test_too_small_vocabulary_is_a_clear_error(base_dir, sample_corpus, tmp_path
             f"op.base_tokenizer={base_dir}",
             f"op.out_dir={tmp_path}",
             "op.vocab_size=500",
-            f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train.json', format: wudao}}]",
+            f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train/*.json', format: wudao}}]",
         ],
         cwd=ROOT,
         capture_output=True,

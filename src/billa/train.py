@@ -48,6 +48,7 @@ def build_datamodule(cfg: DictConfig, plan: BatchPlan, tokenizer_dir: str) -> Bi
         num_proc=data.get("num_proc", 1),
         layout=data.get("layout", "pad"),
         mix_mode=data.get("mix_mode", "round_robin"),
+        data_slice=data.get("slice"),
     )
 
 

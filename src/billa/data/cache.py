@@ -205,7 +205,7 @@ def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> Sh
 
 # ---- driver side -------------------------------------------------------------------------------------------------
 def tokenize_source(
-    pattern: str,
+    pattern: str | list[str],
     settings: ObjectiveSettings,
     tokenizer_dir: str,
     prompts_dir: str,
@@ -213,8 +213,8 @@ def tokenize_source(
     num_proc: int = 1,
     what: str = "data.sources",
 ) -> tuple[datasets.Dataset, dict]:
-    """Tokenise every file of ``pattern`` once (reusing finished shards); return the concatenated dataset + stats."""
-    files = expand_paths(pattern, what)
+    """Tokenise every file of ``pattern`` (or a list of files) once, reusing finished shards; return the dataset + stats."""
+    files = list(pattern) if isinstance(pattern, list) else expand_paths(pattern, what)
     settings_key = fingerprint(
         json.dumps(asdict(settings), sort_keys=True),
         tokenizer_fingerprint(tokenizer_dir),

@@ -12,7 +12,8 @@ from billa.data.cache import ObjectiveSettings, tokenize_source
 from billa.data.collate import PackCollator, PadCollator
 from billa.data.mixing import MixedDataset, StreamSampler
 from billa.data.objectives import OBJECTIVES
-from billa.data.readers import record_kind
+from billa.config import ConfigError
+from billa.data.readers import expand_paths, record_kind
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
 
@@ -42,6 +43,8 @@ class BillaDataModule(L.LightningDataModule):
         num_proc: tokenisation worker processes.
         mix_mode: ``round_robin`` (integer weights, exact per cycle; BiLLa) or ``probability`` (weights as odds).
         layout: ``pad`` (truncate and pad each sample, BiLLa) or ``pack`` (several samples per row, see PackCollator).
+        data_slice: the stage's slice name (``data.slice``): a source with ``slices: {<name>: "start:stop"}`` trains
+            on that range of its sorted train files only (stage 2 reads LM files stage 1 did not).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class BillaDataModule(L.LightningDataModule):
         num_proc: int = 1,
         layout: str = "pad",
         mix_mode: str = "round_robin",
+        data_slice: str | None = None,
     ):
         super().__init__()
         self.sources = {name: dict(spec) for name, spec in sources.items()}
@@ -89,6 +93,7 @@ class BillaDataModule(L.LightningDataModule):
             raise ValueError(f"data.layout={layout!r}: expected pad (BiLLa: one sample per row) or pack")
         self.layout = layout
         self.mix_mode = mix_mode
+        self.data_slice = data_slice
         self.train_set: MixedDataset | None = None
         self.val_set: list[dict] | None = None
         self.stats: dict[str, dict] = {}
@@ -106,7 +111,7 @@ class BillaDataModule(L.LightningDataModule):
             sorted(
                 (k, v if not isinstance(v, list) else tuple(v))
                 for k, v in spec.items()
-                if k not in ("kind", "format", "train", "val")
+                if k not in ("kind", "format", "train", "val", "slices")
             )
         )
         return ObjectiveSettings(
@@ -120,10 +125,32 @@ class BillaDataModule(L.LightningDataModule):
             self.on_error,
         )
 
+    def files(self, name: str, split: str) -> list[str]:
+        """The files of a source's split; for ``train``, only the stage's slice of them (``data.slice``)."""
+        key = f"data.sources.{name}.{split}"
+        files = expand_paths(self.sources[name][split], key)
+        slices = self.sources[name].get("slices") or {}
+        if split != "train" or self.data_slice is None or self.data_slice not in slices:
+            return files
+        spec = str(slices[self.data_slice])
+        try:
+            start, stop = (int(part) if part.strip() else None for part in spec.split(":"))
+        except ValueError:
+            raise ConfigError(
+                f"data.sources.{name}.slices.{self.data_slice}={spec!r}: expected 'start:stop' file indices"
+            ) from None
+        chosen = files[start:stop]
+        if not chosen:
+            raise ConfigError(
+                f"data.sources.{name}.slices.{self.data_slice}={spec!r} selects no file: {key} has {len(files)} "
+                f"files ({files[0]} ... {files[-1]}). Set the slice to this layout's file counts."
+            )
+        return chosen
+
     def _tokenized(self, name: str, split: str):
         """The source's split, tokenised once into the Arrow cache (reused when nothing changed)."""
         dataset, stats = tokenize_source(
-            self.sources[name][split],
+            self.files(name, split),
             self._settings(name),
             self.tokenizer_dir,
             self.prompts_dir,

@@ -99,17 +99,24 @@ def translation(record: dict, ctx: ObjectiveContext, rng: random.Random) -> Exam
     return _join(ctx.encode(prefix), ctx.encode(target), ctx)
 
 
-def task(record: dict, ctx: ObjectiveContext, rng: random.Random) -> Example | None:
-    """Stage-2 task record: pre prompt, post prompt (coin flip when both exist) or none; output.rstrip() + EOS."""
-    kind = record.get("type")
+def _task_placement(kind: str | None, ctx: ObjectiveContext, rng: random.Random) -> tuple[str | None, str]:
+    """Where a task's prompt goes and which line: pre, post (a coin flip when both files exist) or none."""
     pre = ctx.prompts.get(f"{kind}.pre", []) if kind else []
     post = ctx.prompts.get(f"{kind}.post", []) if kind else []
     placement = rng.choice(("pre", "post")) if pre and post else ("pre" if pre else "post" if post else None)
+    if placement is None:
+        return None, ""
+    return placement, rng.choice(pre if placement == "pre" else post)
+
+
+def task(record: dict, ctx: ObjectiveContext, rng: random.Random) -> Example | None:
+    """Stage-2 task record: pre prompt, post prompt (coin flip when both exist) or none; output.rstrip() + EOS."""
+    placement, prompt = _task_placement(record.get("type"), ctx, rng)
     text = record["input"]
     if placement == "pre":
-        prefix = rng.choice(pre) + "\n" + text.rstrip() + "\n\n"
+        prefix = prompt + "\n" + text.rstrip() + "\n\n"
     elif placement == "post":
-        prefix = text.rstrip() + "\n" + rng.choice(post) + "\n"
+        prefix = text.rstrip() + "\n" + prompt + "\n"
     else:
         prefix = text + " "
     return _join(ctx.encode(prefix), ctx.encode(record["output"].rstrip()), ctx)
@@ -123,19 +130,38 @@ def dialogue_prompt(question: str) -> str:
     return HUMAN + question + "\n" + ASSISTANT
 
 
+def dialogue_turns(record: dict, ctx: ObjectiveContext, rng: random.Random) -> list[tuple[str, str]]:
+    """(question, answer) pairs of a dialogue, instruction or task record, stripped as the SFT recipe does.
+
+    - ``turns``: a multi-turn dialogue, every turn kept;
+    - ``instruction`` + ``input``: the non-empty ones joined with "\\n" (BiLLa's math sets have ``instruction: ""``,
+      which must not become ``"Human: \\n{input}"``);
+    - a task record (``input``, ``output``, ``type``): the task prompt and the input become the Human turn (pre prompt
+      + "\\n" + input, or input + "\\n" + post prompt, placement drawn as in stage 2), the output with its rationale
+      the Assistant turn.
+    """
+    if "turns" in record:
+        return [(t["human"].strip(), t["assistant"].strip()) for t in record["turns"]]
+    if "instruction" in record:
+        question = "\n".join(part for part in (record["instruction"].strip(), record.get("input", "").strip()) if part)
+        return [(question, record["output"].strip())]
+    placement, prompt = _task_placement(record.get("type"), ctx, rng)
+    parts = {"pre": (prompt, record["input"].strip()), "post": (record["input"].strip(), prompt)}
+    question = "\n".join(parts.get(placement, (record["input"].strip(),)))
+    return [(question, record["output"].strip())]
+
+
 def dialogue(record: dict, ctx: ObjectiveContext, rng: random.Random) -> Example | None:
     """Human/Assistant dialogue; loss on every Assistant answer (+ EOS), none on Human turns.
 
-    ``record`` is an instruction record (``instruction``, ``input``, ``output``: one turn) or has ``turns``:
-    ``[{"human": q1, "assistant": a1}, ...]``; turns are joined with "\\n".
+    ``record`` is a multi-turn dialogue (``turns``), an instruction record or a task record (``dialogue_turns``).
+    BOS + ``"Human: {q1}\\nAssistant: "`` (no loss) + ``a1`` + EOS (loss), then ``"\\nHuman: {q2}\\nAssistant: "`` ...;
+    the prefix and the answer are encoded separately, so the answer's tokens are those generated after the prompt.
     """
-    if "turns" in record:
-        turns = [(t["human"], t["assistant"]) for t in record["turns"]]
-    else:
-        question = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
-        turns = [(question, record["output"])]
     ids, labels = [ctx.bos_id], [IGNORE]
-    for i, (question, answer) in enumerate(turns):
+    for i, (question, answer) in enumerate(dialogue_turns(record, ctx, rng)):
+        if not answer:
+            continue
         prefix = ctx.encode(("\n" if i else "") + dialogue_prompt(question))
         target = [*ctx.encode(answer), ctx.eos_id]
         ids += prefix + target

@@ -11,7 +11,7 @@ kinds and their fields:
     text:        {"text"}
     translation: {"en", "zh"}
     task:        {"input", "output", "type"}
-    instruction: {"instruction", "input", "output"}
+    instruction: {"instruction", "input", "output"}, {"turns": [{"human", "assistant"}, ...]}, or a task record
 """
 
 from __future__ import annotations
@@ -159,12 +159,78 @@ def _task(raw: object, where: str, **_) -> dict | None:
     return {"input": r["input"], "output": r["output"], "type": r.get("type")}
 
 
+def _optional_str(raw: dict, key: str, where: str, fmt: str) -> str:
+    """A field that may be missing or null (then ""), but must be a string when present."""
+    value = raw.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: {fmt} field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(raw: dict, key: str, where: str) -> dict:
+    """Multi-round dialogues: COIG ``{"instruction", "conversations": [{"question", "answer"}, ...]}`` (also
+    ``chat``), or ShareGPT-style ``[{"from": "human"|"gpt", "value"}, ...]``, as ``{"turns": [{"human", "assistant"}]}``.
+    """
+    rounds = raw[key]
+    if not isinstance(rounds, list) or not rounds:
+        raise DataFormatError(f"{where}: multi-round field {key!r} must be a non-empty list of turns")
+    turns = []
+    if all(isinstance(t, dict) and "from" in t for t in rounds):  # ShareGPT: alternate human / gpt messages
+        speakers = [t.get("from") for t in rounds]
+        if len(rounds) % 2 or speakers[::2] != ["human"] * (len(rounds) // 2):
+            raise DataFormatError(f"{where}: {key!r} must alternate human/gpt messages, got {speakers}")
+        pairs = [(h.get("value"), a.get("value")) for h, a in zip(rounds[::2], rounds[1::2], strict=True)]
+    else:
+        pairs = [(t.get("question"), t.get("answer")) if isinstance(t, dict) else (None, None) for t in rounds]
+    for number, (question, answer) in enumerate(pairs, start=1):
+        if not isinstance(question, str) or not isinstance(answer, str):
+            raise DataFormatError(f"{where}: turn {number} of {key!r} lacks a string question and answer")
+        turns.append({"human": question, "assistant": answer})
+    instruction = _optional_str(raw, "instruction", where, "multi-round").strip()
+    if instruction:  # COIG puts the scenario before the first question
+        turns[0] = {**turns[0], "human": instruction + "\n" + turns[0]["human"]}
+    return {"turns": turns}
+
+
 def _instruction(raw: object, where: str, **_) -> dict | None:
-    if isinstance(raw, dict) and "response" in raw:  # Dolly 2.0
+    """Instruction and dialogue sets, recognised per record by their fields.
+
+    - Alpaca / Alpaca-GPT4 / BiLLa / COIG leetcode: ``{"instruction", "input", "output"}`` (+ ``source``);
+    - Dolly 2.0: ``{"instruction", "context", "response", "category"}``;
+    - COIG translated: ``{"trans_instruction", "trans_input", "trans_output"}``;
+    - COIG exam: ``{"textbox_q_instruction", "textbox_q_context", "textbox_question", "textbox_answer",
+      "textbox_answer_analysis"}`` (the analysis, when present, precedes the answer);
+    - multi-round dialogues (COIG ``conversations`` / ``chat``, ShareGPT ``conversations``): ``{"turns": [...]}``;
+    - a stage-2 task record ``{"id", "input", "output", "type"}``: kept as a task, which the dialogue objective turns
+      into a Human turn (task prompt + input) and an Assistant turn (output with its rationale).
+    """
+    if not isinstance(raw, dict):
+        raise DataFormatError(f"{where}: expected a JSON object (instruction format), got {type(raw).__name__}")
+    for key in ("conversations", "chat"):
+        if key in raw:
+            return _turns(raw, key, where)
+    if "response" in raw:  # Dolly 2.0
         r = _need(raw, ("instruction", "response"), where, "Dolly {instruction, context, response}")
-        return {"instruction": r["instruction"], "input": r.get("context") or "", "output": r["response"]}
+        context = _optional_str(r, "context", where, "Dolly")
+        return {"instruction": r["instruction"], "input": context, "output": r["response"]}
+    if "trans_instruction" in raw:  # COIG translated instructions
+        r = _need(raw, ("trans_instruction", "trans_output"), where, "COIG {trans_instruction, trans_input, ...}")
+        trans_input = _optional_str(r, "trans_input", where, "COIG translated")
+        return {"instruction": r["trans_instruction"], "input": trans_input, "output": r["trans_output"]}
+    if "textbox_question" in raw:  # COIG exam instructions
+        r = _need(raw, ("textbox_question", "textbox_answer"), where, "COIG exam {textbox_question, textbox_answer}")
+        instruction = _optional_str(r, "textbox_q_instruction", where, "COIG exam")
+        context = _optional_str(r, "textbox_q_context", where, "COIG exam").strip()
+        analysis = _optional_str(r, "textbox_answer_analysis", where, "COIG exam").strip()
+        question = "\n".join(part for part in (context, r["textbox_question"].strip()) if part)
+        answer = "\n".join(part for part in (analysis, r["textbox_answer"].strip()) if part)
+        return {"instruction": instruction, "input": question, "output": answer}
+    if "instruction" not in raw and "input" in raw and "output" in raw:  # a task record, as a dialogue
+        return _task(raw, where)
     r = _need(raw, ("instruction", "output"), where, "instruction {instruction, input, output}")
-    return {"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
+    return {"instruction": r["instruction"], "input": _optional_str(r, "input", where, "instruction"), "output": r["output"]}
 
 
 READERS: dict[str, tuple[str, Callable[..., dict | None]]] = {  # format -> (record kind, parser)
