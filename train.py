@@ -1,4 +1,4 @@
-"""Train one BiLLa stage: `python train.py [stage=pretrain|task_mix|sft] [model=..] [data=..] [hardware=..]`."""
+"""Train one BiLLa stage or a whole pipeline: `python train.py [stage=..|pipeline=..] [model=..] [data=..] [hardware=..]`."""
 
 import hydra
 from omegaconf import DictConfig
@@ -6,9 +6,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
-    from billa.train import run  # imported here so `--help` and `--cfg job` stay fast
+    from billa.train import main as train_main  # imported here so `--help` and `--cfg job` stay fast
 
-    return run(cfg)
+    return train_main(cfg)
 
 
 if __name__ == "__main__":

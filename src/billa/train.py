@@ -270,3 +270,16 @@ def run(cfg: DictConfig) -> dict:
         "resumed_from": ckpt_path,
         "metrics": metrics,
     }
+
+
+def main(cfg: DictConfig) -> dict:
+    """``train.py``: a whole pipeline when ``pipeline=`` is chosen (``billa.pipeline``), else one stage."""
+    if cfg.get("pipeline"):
+        from billa.pipeline import run_pipeline
+
+        return run_pipeline(cfg)
+    if cfg.get("inspect"):
+        from billa.inspect import inspect_stage
+
+        return inspect_stage(cfg)
+    return run(cfg)

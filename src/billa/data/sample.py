@@ -1,7 +1,7 @@
 """The embedded sample data of all three stages, built offline from text an installed PyPI package ships.
 
 ``hsk-sentences-audio`` ships 4,354 graded Chinese sentences with English translations, pinyin and word glosses
-(CC-BY-SA-4.0). Stage 1's sources group them by topic into short documents, written in the real record formats:
+(CC-BY-SA-4.0); the ~80 whose English is a placeholder are left out. Stage 1's sources group them by topic into short documents, written in the real record formats:
 
 - ``wudao/train/NNNNN.json`` + ``wudao/val.json``: WuDao 2.0 JSON arrays ``{id, uniqueKey, titleUkey, dataType,
   title, content}``;
@@ -32,7 +32,7 @@ SENTENCES_PER_DOC = 8
 VAL_EVERY = 20
 SHARDS = 10
 _MANIFEST = "manifest.json"
-_VERSION = 3  # bumped when the layout changes: an older corpus in the cache is rebuilt
+_VERSION = 4  # bumped when the layout changes: an older corpus in the cache is rebuilt
 
 TOPIC_TITLES = {  # Chinese titles for the package's topic tags, so WuDao records carry Chinese titles
     "greetings": "问候",
@@ -57,10 +57,16 @@ TOPIC_TITLES = {  # Chinese titles for the package's topic tags, so WuDao record
 }
 
 
+def has_translation(sentence: dict) -> bool:
+    """False for the package's ~80 sentences whose English is a stand-in (``placeholder-p1`` ...), not a translation."""
+    english = sentence["translation"]["en"].strip()
+    return bool(english) and not english.lower().startswith("placeholder")
+
+
 def _load_sentences() -> list[dict]:
     from hsk_sentences_audio import load_sentences
 
-    return load_sentences()
+    return [sentence for sentence in load_sentences() if has_translation(sentence)]
 
 
 def _documents(sentences: list[dict]) -> list[tuple[str, list[dict]]]:
