@@ -1,4 +1,4 @@
-"""Train one BiLLa stage or a whole pipeline: `python train.py [stage=..|pipeline=..] [model=..] [data=..] [hardware=..]`."""
+"""Train one BiLLa stage or a pipeline: `python train.py [stage=..|pipeline=..] [model=..] [data=..] [hardware=..]`."""
 
 import hydra
 from omegaconf import DictConfig

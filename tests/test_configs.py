@@ -14,12 +14,13 @@ from .conftest import CONF
 
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("stage", "model", "data", "hardware", "logger")
+    for group in ("stage", "model", "data", "hardware", "logger", "pipeline")
 }
 
 
 def test_groups_have_the_documented_choices():
-    assert GROUPS["stage"] == ["pretrain", "sft", "task_mix"]
+    assert GROUPS["stage"] == ["merged_2_3", "pretrain", "sft", "task_mix"]
+    assert GROUPS["pipeline"] == ["billa", "merge_2_3", "skip_2", "three_stage"]
     assert GROUPS["model"] == ["llama-7b", "tiny"]
     assert GROUPS["data"] == ["billa", "sample"]
     assert {"cpu", "1xa100", "8xa100"} <= set(GROUPS["hardware"])
@@ -28,8 +29,12 @@ def test_groups_have_the_documented_choices():
 
 @pytest.mark.parametrize("stage", GROUPS["stage"])
 @pytest.mark.parametrize("hardware", GROUPS["hardware"])
-def test_every_stage_and_hardware_composes_with_real_data(compose, stage, hardware):
-    cfg = compose([f"stage={stage}", f"hardware={hardware}", "data=billa", "model=llama-7b"])
+@pytest.mark.parametrize("data", ["billa", "sample"])
+def test_every_stage_and_hardware_composes_with_real_data(compose, stage, hardware, data):
+    """Catches a stage whose mix names a source the data config lacks, or a batch that cannot divide (e.g. the
+    sample's global batch on 8 GPUs), for every (stage, hardware, data) a user can choose."""
+    model = "llama-7b" if data == "billa" else "tiny"
+    cfg = compose([f"stage={stage}", f"hardware={hardware}", f"data={data}", f"model={model}"])
     plan = validate(cfg)  # every stage's mix is covered by data=billa, and its batch divides on this hardware
     assert plan.global_size == cfg.batch.global_size
     assert plan.global_size == plan.micro_size * plan.world_size * plan.accumulation
@@ -100,8 +105,8 @@ def test_tiny_model_tokenizer_and_sample_data_instantiate(compose, cache_dir, sa
     assert counts["wudao/train"] > 400 and counts["translation/train"] > 4000
 
 
-def test_sample_data_with_later_stages_names_the_missing_source(compose):
-    cfg = compose(["stage=task_mix"])
+def test_a_mix_source_missing_from_the_data_config_is_named(compose):
+    cfg = compose(["stage=task_mix", "~data.sources.zh-qa-long"])
     with pytest.raises(ConfigError, match=r"data.mix.*zh-qa-long.*data.sources"):
         validate(cfg)
 

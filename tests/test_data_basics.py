@@ -26,7 +26,9 @@ def test_sample_corpus_is_in_the_real_formats(sample_corpus):
     pile = [json.loads(line) for line in (sample_corpus / "pile" / "train" / "00000.jsonl").open(encoding="utf-8")]
     assert pile[0]["meta"] == {"pile_set_name": "Pile-CC"}
     assert sum(ch.isascii() for ch in pile[0]["text"]) > 0.9 * len(pile[0]["text"])  # the English side
-    pairs = [json.loads(line) for line in (sample_corpus / "translation" / "train" / "00000.jsonl").open(encoding="utf-8")]
+    pairs = [
+        json.loads(line) for line in (sample_corpus / "translation" / "train" / "00000.jsonl").open(encoding="utf-8")
+    ]
     assert set(pairs[0]) == {"en_text", "zh_text"}
     train = sum(1 for _ in read_records(sample_corpus / "translation" / "train", "translation", "t"))
     val = sum(1 for _ in read_records(sample_corpus / "translation" / "val.jsonl", "translation", "t"))

@@ -122,9 +122,14 @@ def run_step(step: DictConfig, cfg: DictConfig, parent_key: str | None, store: P
     done = stage_dir / DONE
     if done.is_file():
         summary = json.loads(done.read_text())
-        log.info("Pipeline step %s (stage=%s): reusing %s (same config, data and start weights)", step.name, step.stage, stage_dir)
+        log.info(
+            "Pipeline step %s (stage=%s): reusing %s (same config, data and start weights)",
+            step.name,
+            step.stage,
+            stage_dir,
+        )
         return {**summary, "reused": True}
-    resuming = (stage_dir / "checkpoints").is_dir()
+    resuming = (stage_dir / "checkpoints").is_dir() and any((stage_dir / "checkpoints").iterdir())
     log.info(
         "Pipeline step %s: stage=%s init_from=%s -> %s%s",
         step.name,
@@ -149,7 +154,17 @@ def run_step(step: DictConfig, cfg: DictConfig, parent_key: str | None, store: P
         "val_loss": result["val_loss"],
         "train_loss": result["train_loss"],
         "seconds": round(time.time() - start, 1),
+        "resumed": bool(result.get("resumed_from")),
+        "finished": result["global_step"] >= cfg.trainer.max_steps,
     }
+    if not summary["finished"]:  # stop_after_steps: resumable, not done; later stages must not start from it
+        log.warning(
+            "Pipeline step %s stopped at step %d of %d: rerun to continue",
+            step.name,
+            result["global_step"],
+            cfg.trainer.max_steps,
+        )
+        return {**summary, "reused": False}
     if _is_global_zero():
         tmp = done.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(summary, indent=1))
@@ -215,21 +230,26 @@ def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     vocab, vocab_overrides = run_vocab(cfg, pipeline, store)
     log.info("Pipeline step vocab: %s (%s)", vocab["dir"], _summarise_vocab(vocab["report"]))
     steps, init_from, parent_key = [vocab], cfg.get("init_from"), None
+    status = "done"
     for step in pipeline.steps:
         stage_cfg = _stage_config(step, [*base_overrides, *vocab_overrides], init_from, group)
         summary = run_step(step, stage_cfg, parent_key, store)
         steps.append(summary)
+        if not summary.get("finished", True):
+            status = "stopped"
+            break
         init_from, parent_key = summary["export_dir"], summary["key"]
 
     result = {
         "pipeline": pipeline.name,
+        "status": status,
         "group": group,
         "overrides": base_overrides,
         "steps": steps,
         "final_export": init_from,
         "trained_steps": sum(s.get("global_step", 0) for s in steps if not s.get("reused", True)),
     }
-    if pipeline.get("evaluate", True) and _is_global_zero():
+    if status == "done" and pipeline.get("evaluate", True) and _is_global_zero():
         result["validation"] = evaluate_by_kind(init_from, cfg)
         log.info("Pipeline %s: final validation loss by kind %s", pipeline.name, result["validation"]["by_kind"])
     if _is_global_zero():
@@ -283,12 +303,12 @@ def evaluate_by_kind(model_dir: str, cfg: DictConfig, batch_size: int = 16) -> d
         token_cache_dir=cfg.data.get("token_cache_dir"),
         num_proc=cfg.data.get("num_proc", 1),
     )
-    datamodule.prepare_data()
-    datamodule.setup("validate")
+    if datamodule.build is not None:
+        datamodule.build()
+    rows = datamodule.setup_validation()  # validation splits only
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     collate = PadCollator(datamodule.pad_id)
     totals: dict[str, list[float]] = {}
-    rows = datamodule.val_set
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]

@@ -279,7 +279,7 @@ def main(cfg: DictConfig) -> dict:
 
         return run_pipeline(cfg)
     if cfg.get("inspect"):
-        from billa.inspect import inspect_stage
+        from billa.inspect_masks import inspect_stage
 
         return inspect_stage(cfg)
     return run(cfg)

@@ -213,7 +213,7 @@ def tokenize_source(
     num_proc: int = 1,
     what: str = "data.sources",
 ) -> tuple[datasets.Dataset, dict]:
-    """Tokenise every file of ``pattern`` (or a list of files) once, reusing finished shards; return the dataset + stats."""
+    """Tokenise every file of ``pattern`` (or a list of files) once, reusing finished shards; return dataset + stats."""
     files = list(pattern) if isinstance(pattern, list) else expand_paths(pattern, what)
     settings_key = fingerprint(
         json.dumps(asdict(settings), sort_keys=True),

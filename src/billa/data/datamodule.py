@@ -8,11 +8,11 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from billa.config import ConfigError
 from billa.data.cache import ObjectiveSettings, tokenize_source
 from billa.data.collate import PackCollator, PadCollator
 from billa.data.mixing import MixedDataset, StreamSampler
 from billa.data.objectives import OBJECTIVES
-from billa.config import ConfigError
 from billa.data.readers import expand_paths, record_kind
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
@@ -195,17 +195,22 @@ class BillaDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         train = {name: self._tokenized(name, "train") for name in self.mix}
         self.train_set = MixedDataset(train, self.mix, self.num_samples, self.seed, self.mix_mode)
+        self.setup_validation()
+        log.info("Data: %s", {key: value["examples"] for key, value in self.stats.items()})
+
+    def setup_validation(self) -> list[dict]:
+        """The validation examples of every source in the mix (at most ``val_max_records`` each), tokenised once."""
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         self.val_set = []
         for name, split in self._splits():
             if split == "val":
                 val = self._tokenized(name, "val")
                 for row in val.select(range(min(len(val), self.val_max_records))):
                     self.val_set.append({"input_ids": row["input_ids"], "labels": row["labels"], "source": name})
-        log.info("Data: %s", {key: value["examples"] for key, value in self.stats.items()})
+        return self.val_set
 
     def train_dataloader(self) -> DataLoader:
         # The stream is already mixed and permuted; each rank takes its interleaved share from the resume position.

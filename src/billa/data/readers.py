@@ -171,7 +171,8 @@ def _optional_str(raw: dict, key: str, where: str, fmt: str) -> str:
 
 def _turns(raw: dict, key: str, where: str) -> dict:
     """Multi-round dialogues: COIG ``{"instruction", "conversations": [{"question", "answer"}, ...]}`` (also
-    ``chat``), or ShareGPT-style ``[{"from": "human"|"gpt", "value"}, ...]``, as ``{"turns": [{"human", "assistant"}]}``.
+    ``chat``), or ShareGPT-style ``[{"from": "human"|"gpt", "value"}, ...]``, as
+    ``{"turns": [{"human", "assistant"}, ...]}``.
     """
     rounds = raw[key]
     if not isinstance(rounds, list) or not rounds:
@@ -230,7 +231,11 @@ def _instruction(raw: object, where: str, **_) -> dict | None:
     if "instruction" not in raw and "input" in raw and "output" in raw:  # a task record, as a dialogue
         return _task(raw, where)
     r = _need(raw, ("instruction", "output"), where, "instruction {instruction, input, output}")
-    return {"instruction": r["instruction"], "input": _optional_str(r, "input", where, "instruction"), "output": r["output"]}
+    return {
+        "instruction": r["instruction"],
+        "input": _optional_str(r, "input", where, "instruction"),
+        "output": r["output"],
+    }
 
 
 READERS: dict[str, tuple[str, Callable[..., dict | None]]] = {  # format -> (record kind, parser)

@@ -1,7 +1,8 @@
 """The embedded sample data of all three stages, built offline from text an installed PyPI package ships.
 
 ``hsk-sentences-audio`` ships 4,354 graded Chinese sentences with English translations, pinyin and word glosses
-(CC-BY-SA-4.0); the ~80 whose English is a placeholder are left out. Stage 1's sources group them by topic into short documents, written in the real record formats:
+(CC-BY-SA-4.0); the ~80 whose English is a placeholder are left out. Stage 1's sources group them by topic into
+short documents, written in the real record formats:
 
 - ``wudao/train/NNNNN.json`` + ``wudao/val.json``: WuDao 2.0 JSON arrays ``{id, uniqueKey, titleUkey, dataType,
   title, content}``;

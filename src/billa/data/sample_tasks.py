@@ -48,7 +48,10 @@ def _mwp(rng: random.Random) -> dict:
             f"After giving {c} away there are {a + b} - {c} = {r}."
         )
         zh_q = f"{name_zh}有{a}{unit}{item_zh}，又买了{b}{unit}，然后送出{c}{unit}。还剩多少{unit}{item_zh}？"
-        zh_r = f"{name_zh}原来有{a}{unit}，买了{b}{unit}后有{a}+{b}={a + b}{unit}，送出{c}{unit}后剩下{a + b}-{c}={r}{unit}。"
+        zh_r = (
+            f"{name_zh}原来有{a}{unit}，买了{b}{unit}后有{a}+{b}={a + b}{unit}，"
+            f"送出{c}{unit}后剩下{a + b}-{c}={r}{unit}。"
+        )
     elif kind == 1:
         a, b, n = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 6)
         r = a * b * n
@@ -61,7 +64,10 @@ def _mwp(rng: random.Random) -> dict:
         total = per_day * days
         r = days
         en_q = f"{name_en} reads {per_day} pages a day. The book has {total} pages. How many days does it take?"
-        en_r = f"The book has {total} pages and {name_en} reads {per_day} pages a day, so it takes {total} ÷ {per_day} = {r} days."
+        en_r = (
+            f"The book has {total} pages and {name_en} reads {per_day} pages a day, "
+            f"so it takes {total} ÷ {per_day} = {r} days."
+        )
         zh_q = f"{name_zh}每天看{per_day}页书，这本书一共{total}页。几天能看完？"
         zh_r = f"这本书一共{total}页，每天看{per_day}页，需要{total}÷{per_day}={r}天。"
     else:
@@ -115,8 +121,7 @@ def _multi_hop(rng: random.Random) -> tuple[str, str]:
     rng.shuffle(paragraphs)
     question = f"In which province was the {job} {person} born?"
     output = (
-        f"{person} was born in {city}. {city} is a city in {province} province. "
-        f"Therefore, the answer is {province}."
+        f"{person} was born in {city}. {city} is a city in {province} province. Therefore, the answer is {province}."
     )
     return "\n".join(paragraphs) + "\n" + question, output
 
@@ -187,7 +192,10 @@ def _reading_comprehension(rng: random.Random, docs: _Docs) -> tuple[str, str]:
     target = rng.choice(group)
     passage = "".join(s["chinese"] for s in group)
     question = f"文中哪一句话的意思是“{target['translation']['en']}”？"
-    return f"{passage}\n问题：{question}", f"文中的“{target['chinese']}”意思是“{target['translation']['en']}”。答案为：{target['chinese']}"
+    return (
+        f"{passage}\n问题：{question}",
+        f"文中的“{target['chinese']}”意思是“{target['translation']['en']}”。答案为：{target['chinese']}",
+    )
 
 
 def _squad(rng: random.Random, docs: _Docs) -> tuple[str, str]:
@@ -199,7 +207,10 @@ def _squad(rng: random.Random, docs: _Docs) -> tuple[str, str]:
         sentence = rng.choice(other)
         if sentence not in group:
             question = f'Which sentence comes right after "{sentence["translation"]["en"]}"?'
-            return f"{passage}\nQuestion: {question}", "The passage does not contain that sentence, so it is unanswerable."
+            return (
+                f"{passage}\nQuestion: {question}",
+                "The passage does not contain that sentence, so it is unanswerable.",
+            )
     i = rng.randrange(len(group) - 1) if len(group) > 1 else 0
     if len(group) == 1:
         question = "What is the only sentence of the passage?"
@@ -209,7 +220,8 @@ def _squad(rng: random.Random, docs: _Docs) -> tuple[str, str]:
 
 
 _TOPIC_EN = {
-    "greetings": "greetings", "feelings": "feelings", "school_work": "school and work", "objects_misc": "everyday objects",
+    "greetings": "greetings", "feelings": "feelings", "school_work": "school and work",
+    "objects_misc": "everyday objects",
     "misc": "daily life", "sports_leisure": "sports and leisure", "identity": "who people are",
     "daily_actions": "daily activities", "shopping": "shopping", "transport": "transport", "location": "places",
     "nature": "nature", "health_body": "health and the body", "time": "time", "food": "food and drink",
@@ -318,7 +330,11 @@ def stage3_sets(sentences: list[dict], documents: list[tuple[str, str, list[dict
 
     def cot_en(i):
         problem = _mwp(rng)
-        return {"instruction": problem["en_q"], "input": "", "output": "Let's think step by step. " + _en_math_output(problem)}
+        return {
+            "instruction": problem["en_q"],
+            "input": "",
+            "output": "Let's think step by step. " + _en_math_output(problem),
+        }
 
     def leetcode_zh(i):  # COIG leetcode_instructions.jsonl
         instruction, input_, output = _code(rng, zh=True)
@@ -328,7 +344,12 @@ def stage3_sets(sentences: list[dict], documents: list[tuple[str, str, list[dict
         def make(i):  # BiLLa's math sets: empty instruction, the problem in input
             problem = _mwp(rng)
             if lang == "en":
-                return {"instruction": "", "input": problem["en_q"], "output": _en_math_output(problem), "source": "mwp-en"}
+                return {
+                    "instruction": "",
+                    "input": problem["en_q"],
+                    "output": _en_math_output(problem),
+                    "source": "mwp-en",
+                }
             return {"instruction": "", "input": problem["zh_q"], "output": _zh_math_output(problem), "source": "mwp-zh"}
 
         return make
@@ -337,8 +358,9 @@ def stage3_sets(sentences: list[dict], documents: list[tuple[str, str, list[dict
         if i % 2:
             topic, title, group = rng.choice(docs.documents)
             target = rng.choice(group)
+            word = rng.choice(target["tokens"])
             return {
-                "instruction": f'Which sentence in the text uses the word for "{_gloss(rng.choice(target["tokens"]))}"?',
+                "instruction": f'Which sentence in the text uses the word for "{_gloss(word)}"?',
                 "context": " ".join(s["translation"]["en"] for s in group),
                 "response": target["translation"]["en"],
                 "category": "closed_qa",
@@ -361,7 +383,11 @@ def stage3_sets(sentences: list[dict], documents: list[tuple[str, str, list[dict
 
     def alpaca_gpt4_zh(i):
         sentence = rng.choice(sentences)
-        return {"instruction": "把下面的句子翻译成英文。", "input": sentence["chinese"], "output": sentence["translation"]["en"]}
+        return {
+            "instruction": "把下面的句子翻译成英文。",
+            "input": sentence["chinese"],
+            "output": sentence["translation"]["en"],
+        }
 
     def coig_exam(i):  # COIG exam_instructions.jsonl
         sentence = rng.choice(sentences)

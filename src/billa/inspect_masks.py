@@ -66,11 +66,17 @@ def inspect_stage(cfg: DictConfig, console: Console | None = None) -> dict:
     for index in range(count):
         sample = datamodule.train_set[index]
         loss_tokens = sum(int(label) != IGNORE for label in sample["labels"])
-        header = f"--- sample {index} | source {sample['source']} | {len(sample['input_ids'])} tokens, {loss_tokens} with loss"
+        tokens = len(sample["input_ids"])
+        header = f"--- sample {index} | source {sample['source']} | {tokens} tokens, {loss_tokens} with loss"
         console.print(header, style="bold")
         console.print(render(tokenizer, sample))
         parts = segments(tokenizer, [int(i) for i in sample["input_ids"]], [int(i) for i in sample["labels"]])
         samples.append(
-            {"source": sample["source"], "tokens": len(sample["input_ids"]), "loss_tokens": loss_tokens, "segments": parts}
+            {
+                "source": sample["source"],
+                "tokens": len(sample["input_ids"]),
+                "loss_tokens": loss_tokens,
+                "segments": parts,
+            }
         )
     return {"samples": samples}
