@@ -3,7 +3,8 @@
 Questions come from ``questions`` (a list), ``questions_file`` (one per line, or jsonl with ``text``/``question``),
 or, on a terminal with neither, an interactive session (``multi_turn=true`` keeps the conversation). The model sees
 exactly what the SFT objective trained on: BOS + ``"Human: {q}\\nAssistant: "`` (earlier turns as
-``a</s>\\nHuman: ...``), and generation stops at EOS. Greedy by default; ``do_sample=true`` samples with ``temperature`` / ``top_p``.
+``a</s>\\nHuman: ...``), and generation stops at EOS. Greedy by default; ``do_sample=true`` samples with
+``temperature`` / ``top_p``.
 """
 
 from __future__ import annotations
