@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -9,6 +14,28 @@ from omegaconf import DictConfig
 
 class ConfigError(ValueError):
     """A configuration value is missing or inconsistent; the message names the key(s) and what is expected."""
+
+
+def format_config_error(err: ConfigError) -> str:
+    """The block printed for a ``ConfigError``: ``billa: error: <message>`` and how to see the stack trace."""
+    body = textwrap.indent(str(err), "  ").lstrip()
+    return f"billa: error: {body}\n(set HYDRA_FULL_ERROR=1 for the stack trace)\n"
+
+
+@contextlib.contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Turn a ``ConfigError`` into a message on stderr and exit status 2 (a usage error, as argparse and Hydra).
+
+    With ``HYDRA_FULL_ERROR=1`` the error propagates with its stack trace. Other exceptions are never caught here.
+    """
+    try:
+        yield
+    except ConfigError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.stderr.write(format_config_error(err))
+        sys.stderr.flush()
+        raise SystemExit(2) from None
 
 
 def _positive_int(cfg: DictConfig, key: str) -> int:

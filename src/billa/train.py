@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from billa.callbacks import PartitionReport, StepCheckpoint, StopAtStep, Throughput, flops_per_token
-from billa.config import BatchPlan, ConfigError, validate
+from billa.config import BatchPlan, ConfigError, exit_on_config_error, validate
 from billa.data.datamodule import BillaDataModule
 from billa.distributed.checkpoints import resolve_ckpt_path
 from billa.distributed.memory import plan_memory, zero_settings
@@ -273,7 +273,17 @@ def run(cfg: DictConfig) -> dict:
 
 
 def main(cfg: DictConfig) -> dict:
-    """``train.py``: a whole pipeline when ``pipeline=`` is chosen (``billa.pipeline``), else one stage."""
+    """``train.py``: a whole pipeline when ``pipeline=`` is chosen (``billa.pipeline``), else one stage.
+
+    A ``ConfigError`` (a bad value the user can fix by changing the named keys) ends the process with one
+    ``billa: error: ...`` block and exit status 2, like a bad Hydra group choice; ``HYDRA_FULL_ERROR=1`` re-raises
+    it with its stack trace. Every other exception propagates unchanged.
+    """
+    with exit_on_config_error():
+        return _dispatch(cfg)
+
+
+def _dispatch(cfg: DictConfig) -> dict:
     if cfg.get("pipeline"):
         from billa.pipeline import run_pipeline
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from billa.config import ConfigError
@@ -44,3 +45,29 @@ def build_causal_lm(
             "expand the model's vocabulary first (vocabulary expansion resizes embeddings and lm_head)"
         )
     return model
+
+
+def add_residual_dropout(model: PreTrainedModel, p: float) -> int:
+    """Dropout on each decoder layer's attention and MLP outputs before they join the residual stream.
+
+    BiLLa's training model does ``h = x + dropout(attention(norm(x)))`` and ``out = h + dropout(mlp(norm(h)))`` with
+    p = 0.05; transformers' LLaMA has no such dropout, so forward hooks add it (active in train mode only; the
+    exported model is unchanged). Returns the number of hooks registered (2 per layer; 0 when ``p == 0``).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"model.residual_dropout={p}: expected a probability in [0, 1)")
+    if p == 0.0:
+        return 0
+
+    def attention_hook(module, args, output):  # LlamaAttention returns (attn_output, attn_weights)
+        return (F.dropout(output[0], p, module.training), *output[1:])
+
+    def mlp_hook(module, args, output):
+        return F.dropout(output, p, module.training)
+
+    hooks = 0
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(attention_hook)
+        layer.mlp.register_forward_hook(mlp_hook)
+        hooks += 2
+    return hooks

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from billa.model.builders import build_causal_lm
+from billa.config import ConfigError
+from billa.model.builders import add_residual_dropout, build_causal_lm
 
 IGNORE_INDEX = -100
 
@@ -60,6 +61,7 @@ class BillaLM(L.LightningModule):
         key = "init_from" if self.hparams.init_from else "model.pretrained_path"
         with self._zero3_pretrained_loading(path):
             self.model = build_causal_lm(spec["architecture"], self.hparams.vocab_size, path, key)
+        add_residual_dropout(self.model, float(spec.get("residual_dropout") or 0.0))
         self.model.train()  # from_pretrained returns eval mode
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -189,18 +191,19 @@ class BillaLM(L.LightningModule):
         )
 
     def configure_optimizers(self):
+        optimizer_spec = dict(self.hparams.optimizer)
+        # optimizer.weight_decay_on: all (BiLLa: decay on every parameter) | matrices (not on norms); see docs/recipe.md
+        decay_on = optimizer_spec.pop("weight_decay_on", "all")
+        if decay_on not in ("all", "matrices"):
+            raise ConfigError(f"optimizer.weight_decay_on={decay_on!r}: expected all (BiLLa) or matrices (not on norms)")
         decay, no_decay = [], []
         for param in self.model.parameters():
             if not param.requires_grad:
                 continue
-            # weight decay on matrices only, not on norms (DeepSpeed ZeRO-3 params report ds_shape)
-            shape = getattr(param, "ds_shape", param.shape)
-            (decay if len(shape) >= 2 else no_decay).append(param)
-        optimizer_cfg = OmegaConf.create(dict(self.hparams.optimizer))
-        groups = [
-            {"params": decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+            shape = getattr(param, "ds_shape", param.shape)  # DeepSpeed ZeRO-3 params report their full shape there
+            (decay if decay_on == "all" or len(shape) >= 2 else no_decay).append(param)
+        optimizer_cfg = OmegaConf.create(optimizer_spec)
+        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
         optimizer = instantiate(optimizer_cfg, groups, _partial_=False)
         scheduler = instantiate(
             OmegaConf.create(dict(self.hparams.scheduler)),

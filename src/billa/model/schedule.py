@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to ``min_lr_ratio`` x peak (DESIGN.md §3)."""
+"""Learning-rate schedule: linear warmup, then cosine decay to ``min_lr_ratio`` x peak (docs/recipe.md, "Optimiser")."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def cosine_warmup_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier at optimizer ``step`` (0-based): ``step/warmup`` during warmup, then cosine to ``min_lr_ratio``.
+    """LR multiplier at optimizer ``step`` (0-based): ``(step + 1)/warmup`` during warmup, then cosine to ``min_lr_ratio``.
 
-    At ``step == warmup_steps`` the factor is 1.0; at ``step >= total_steps`` it is ``min_lr_ratio``.
+    As BiLLa's ColossalAI ``CosineAnnealingWarmupLR``: the first step already trains at ``lr/warmup`` (not 0) and
+    step ``warmup - 1`` reaches the peak; at ``step >= total_steps`` the factor is ``min_lr_ratio``.
     """
     if step < warmup_steps:
-        return step / max(1, warmup_steps)
+        return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
