@@ -211,6 +211,7 @@ def test_too_small_vocabulary_is_a_clear_error(base_dir, sample_corpus, tmp_path
             f"op.out_dir={tmp_path}",
             "op.vocab_size=500",
             f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train/*.json', format: wudao}}]",
+            f"op.english_text=[{{path: '{sample_corpus}/pile/val.jsonl', format: pile}}]",
         ],
         cwd=ROOT,
         capture_output=True,

@@ -30,12 +30,23 @@ def exit_on_config_error() -> Iterator[None]:
     """
     try:
         yield
-    except ConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as err:
+        cause = _config_error_in(err)
+        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        sys.stderr.write(format_config_error(err))
+        sys.stderr.write(format_config_error(cause))
         sys.stderr.flush()
         raise SystemExit(2) from None
+
+
+def _config_error_in(err: BaseException | None) -> ConfigError | None:
+    """``err`` itself or the ``ConfigError`` it wraps (``hydra.utils.instantiate`` wraps what a target raises)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, ConfigError):
+            return err
+        err, seen = err.__cause__, seen + 1
+    return None
 
 
 def _positive_int(cfg: DictConfig, key: str) -> int:

@@ -195,7 +195,9 @@ class BillaLM(L.LightningModule):
         # optimizer.weight_decay_on: all (BiLLa: decay on every parameter) | matrices (not on norms); see docs/recipe.md
         decay_on = optimizer_spec.pop("weight_decay_on", "all")
         if decay_on not in ("all", "matrices"):
-            raise ConfigError(f"optimizer.weight_decay_on={decay_on!r}: expected all (BiLLa) or matrices (not on norms)")
+            raise ConfigError(
+                f"optimizer.weight_decay_on={decay_on!r}: expected all (BiLLa) or matrices (not on norms)"
+            )
         decay, no_decay = [], []
         for param in self.model.parameters():
             if not param.requires_grad:

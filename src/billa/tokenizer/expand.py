@@ -1,10 +1,10 @@
 """Vocabulary expansion: a Chinese SentencePiece model merged into a LLaMA-style base, and the model resized.
 
-BiLLa grew LLaMA's 32,000 pieces to 46,943 without publishing how (DESIGN.md §1). billa's procedure:
+BiLLa grew LLaMA's 32,000 pieces to 46,943 without publishing how (docs/recipe.md, "Vocabulary"). billa's procedure:
 
 1. train a Chinese SentencePiece BPE model on Chinese text (no byte fallback: bytes stay the base's);
-2. append every NORMAL piece the base lacks, in the Chinese model's order, with scores below every base score, so
-   that no base merge changes priority; by default only pieces with a non-ASCII character are added, so ASCII
+2. append every NORMAL piece the base lacks (or exactly the first ``added_pieces`` of them), in the Chinese model's
+   order, with distinct float32 scores below every base score, so that no base merge changes priority; by default only pieces with a non-ASCII character are added, so ASCII
    (English, code) text tokenises to exactly the ids it had before;
 3. keep every base piece's id, score and type, the base normaliser, byte fallback and special tokens;
 4. resize input embeddings and lm_head, initialising new rows from the base rows (``subword_mean``: mean of the rows
@@ -20,11 +20,13 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tqdm.auto import tqdm
 
+from billa.config import ConfigError
 from billa.data.readers import read_records, record_kind
 from billa.tokenizer.load import save_tokenizer_dir
 from billa.tokenizer.sentencepiece_train import train_sentencepiece
@@ -54,22 +56,41 @@ def load_base_model_proto(path: str | os.PathLike) -> sp_pb2.ModelProto:
     return proto
 
 
-def merge_pieces(base: sp_pb2.ModelProto, addition: sp_pb2.ModelProto, keep_ascii: bool = False) -> sp_pb2.ModelProto:
-    """``base`` + every NORMAL piece of ``addition`` it lacks, appended with scores below all of base's."""
+def merge_pieces(
+    base: sp_pb2.ModelProto, addition: sp_pb2.ModelProto, keep_ascii: bool = False, limit: int | None = None
+) -> sp_pb2.ModelProto:
+    """``base`` + every NORMAL piece of ``addition`` it lacks (the first ``limit`` of them), below all of base's scores.
+
+    The new pieces keep ``addition``'s merge order with distinct float32 scores (SentencePiece stores scores as
+    float32): each is the next representable float32 below the previous one, starting below the lowest base score,
+    sentinels included (LLaMA's "▁▁" sits at -1e9, where float32 values are 64 apart: subtracting 1.0 there would give
+    whole groups of new pieces one score and lose their order).
+
+    Raises:
+        ValueError: ``limit`` is larger than the number of pieces ``addition`` can contribute.
+    """
     merged = sp_pb2.ModelProto()
     merged.CopyFrom(base)
     existing = {p.piece for p in base.pieces}
-    score = min((p.score for p in base.pieces if p.type == NORMAL), default=0.0)
-    score = max(score, -1e8)  # ignore sentinel scores such as LLaMA's -1e9 for "▁▁"
+    score = np.float32(min((p.score for p in base.pieces if p.type == NORMAL), default=0.0))
+    added = 0
     for piece in addition.pieces:
+        if limit is not None and added >= limit:
+            break
         if piece.type != NORMAL or piece.piece in existing:
             continue
         if not keep_ascii and piece.piece.replace("▁", " ").isascii():
             continue
-        score -= 1.0
+        score = np.nextafter(score, np.float32(-np.inf), dtype=np.float32)
         new = merged.pieces.add()
-        new.piece, new.score, new.type = piece.piece, score, NORMAL
+        new.piece, new.score, new.type = piece.piece, float(score), NORMAL
         existing.add(piece.piece)
+        added += 1
+    if limit is not None and added < limit:
+        raise ValueError(
+            f"op.added_pieces={limit}: the Chinese model offers only {added} new pieces (of its "
+            f"{len(addition.pieces)}); raise op.vocab_size"
+        )
     merged.trainer_spec.vocab_size = len(merged.pieces)
     return merged
 
@@ -135,6 +156,7 @@ def expand_tokenizer(
     input_sentence_size: int = 2_000_000,
     keep_ascii_pieces: bool = False,
     report_texts: dict[str, list[str]] | None = None,
+    added_pieces: int | None = None,
 ) -> dict:
     """Train the Chinese model, merge it into the base, write a HF tokenizer directory and a report.
 
@@ -163,7 +185,10 @@ def expand_tokenizer(
             f"refused to train: {str(err).split('] ')[-1]}"
         ) from None
     chinese.ParseFromString(model)
-    merged = merge_pieces(base, chinese, keep_ascii=keep_ascii_pieces)
+    try:
+        merged = merge_pieces(base, chinese, keep_ascii=keep_ascii_pieces, limit=added_pieces)
+    except ValueError as err:
+        raise ConfigError(f"{err} (op.vocab_size={vocab_size})") from None
     out = Path(out_dir)
     save_tokenizer_dir(merged.SerializeToString(), out)
 
@@ -299,6 +324,8 @@ def expand_vocab(
     init: str = "subword_mean",
     pad_to_multiple_of: int | None = None,
     seed: int = 0,
+    added_pieces: int | None = None,
+    english_text: Sequence[dict] | None = None,
 ) -> dict:
     """``convert.py op=expand_vocab``: expanded tokenizer (and, with ``base_model``, the resized model) in ``out_dir``.
 
@@ -307,6 +334,8 @@ def expand_vocab(
         chinese_text: ``[{"path": glob, "format": reader format}, ...]`` to train the Chinese model on.
         report_text: ``{"zh": [...sources], "en": [...sources]}`` measured before/after (first lines of each).
         base_model: HF model directory whose embeddings and lm_head are resized; None writes only the tokenizer.
+        added_pieces: exactly this many new pieces (the first of the Chinese model's order); None: all it offers.
+        english_text: English sources; only read through ``report_text`` (the config's ``en: ${..english_text}``).
     """
     report_texts = {
         name: list(texts_from_sources(sources, field=name, limit=report_max_lines))
@@ -323,6 +352,7 @@ def expand_vocab(
             input_sentence_size,
             keep_ascii_pieces,
             report_texts,
+            added_pieces,
         )
     with tempfile.TemporaryDirectory() as tok_dir:
         report = expand_tokenizer(
@@ -334,6 +364,7 @@ def expand_vocab(
             input_sentence_size,
             keep_ascii_pieces,
             report_texts,
+            added_pieces,
         )
         report["model"] = resize_model(base_model, base_tokenizer, tok_dir, out_dir, init, pad_to_multiple_of, seed)
     (Path(out_dir) / "expansion_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
