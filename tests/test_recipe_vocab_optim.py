@@ -3,7 +3,6 @@ report, BiLLa's warmup, weight decay on every parameter, residual dropout, confi
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from billa.config import ConfigError, exit_on_config_error
 from billa.model.builders import add_residual_dropout, llama_config
 from billa.model.schedule import cosine_with_warmup
-from billa.tokenizer.expand import NORMAL, expand_vocab, load_base_model_proto, merge_pieces
+from billa.tokenizer.expand import NORMAL, load_base_model_proto, merge_pieces
 from billa.tokenizer.sample import sample_base_tokenizer
 
 from .conftest import ROOT

@@ -9,7 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def cosine_warmup_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier at optimizer ``step`` (0-based): ``(step + 1)/warmup`` during warmup, then cosine to ``min_lr_ratio``.
+    """LR multiplier at optimizer ``step`` (0-based): ``(step + 1)/warmup`` in warmup, then cosine to ``min_lr_ratio``.
 
     As BiLLa's ColossalAI ``CosineAnnealingWarmupLR``: the first step already trains at ``lr/warmup`` (not 0) and
     step ``warmup - 1`` reaches the peak; at ``step >= total_steps`` the factor is ``min_lr_ratio``.

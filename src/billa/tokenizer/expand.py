@@ -4,8 +4,9 @@ BiLLa grew LLaMA's 32,000 pieces to 46,943 without publishing how (docs/recipe.m
 
 1. train a Chinese SentencePiece BPE model on Chinese text (no byte fallback: bytes stay the base's);
 2. append every NORMAL piece the base lacks (or exactly the first ``added_pieces`` of them), in the Chinese model's
-   order, with distinct float32 scores below every base score, so that no base merge changes priority; by default only pieces with a non-ASCII character are added, so ASCII
-   (English, code) text tokenises to exactly the ids it had before;
+   order, with distinct float32 scores below every base score, so that no base merge changes priority; by default
+   only pieces with a non-ASCII character are added, so ASCII (English, code) text tokenises to exactly the ids it
+   had before;
 3. keep every base piece's id, score and type, the base normaliser, byte fallback and special tokens;
 4. resize input embeddings and lm_head, initialising new rows from the base rows (``subword_mean``: mean of the rows
    of the base pieces the new piece splits into; ``mean``; ``random``).
