@@ -300,6 +300,10 @@ def evaluate_by_kind(model_dir: str, cfg: DictConfig, batch_size: int = 16) -> d
         val_max_records=cfg.data.get("val_max_records", 1000),
         build=instantiate(cfg.data.build, _partial_=True) if cfg.data.get("build") else None,
         prompts_dir=cfg.data.get("prompts_dir"),
+        prompt_types=OmegaConf.to_container(cfg.data.prompt_types) if cfg.data.get("prompt_types") else None,
+        translation_prompts=OmegaConf.to_container(cfg.data.translation_prompts, resolve=True)
+        if cfg.data.get("translation_prompts")
+        else None,
         token_cache_dir=cfg.data.get("token_cache_dir"),
         num_proc=cfg.data.get("num_proc", 1),
     )

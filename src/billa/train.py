@@ -49,6 +49,10 @@ def build_datamodule(cfg: DictConfig, plan: BatchPlan, tokenizer_dir: str) -> Bi
         layout=data.get("layout", "pad"),
         mix_mode=data.get("mix_mode", "round_robin"),
         data_slice=data.get("slice"),
+        prompt_types=OmegaConf.to_container(data.prompt_types) if data.get("prompt_types") else None,
+        translation_prompts=OmegaConf.to_container(data.translation_prompts, resolve=True)
+        if data.get("translation_prompts")
+        else None,
     )
 
 

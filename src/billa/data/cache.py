@@ -3,7 +3,10 @@
 Every input file is one unit of work, processed by a pool of ``num_proc`` workers in chunks (one batched encode per
 chunk) and streamed into an Arrow file under ``<cache>/<source>/<key>/<file hash>/``, renamed into place only when
 complete. The key covers what determines the tokens: the file's content (a BLAKE2 hash of its bytes), the tokenizer
-files, the objective and its settings (max length, seed, prompts, source name). Rerunning reuses every finished
+files, the objective and its settings (max length, prompts, prompt-type map, source name). Each row holds every
+variant the record can become (``objectives.Variants``: all translation direction x prompt and task placement x
+prompt combinations with their probabilities, or the full ids of a text for a cut drawn later), so the random
+choices are drawn per visit at ``__getitem__`` time while tokenisation still happens once. Rerunning reuses every finished
 shard; a killed pass redoes only the files whose shards were not finished. ``datasets`` memory-maps the shards, so a
 7B run's corpus costs page cache, not RAM.
 """
@@ -23,13 +26,14 @@ from pathlib import Path
 import datasets
 from tqdm.auto import tqdm
 
-from billa.data.objectives import OBJECTIVES, ObjectiveContext, load_prompts, record_rng
+from billa.data.objectives import Example, ObjectiveContext, Variants, record_rng, variants
 from billa.data.readers import HUB_PREFIX, ReadStats, expand_paths, read_records
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 _SHARD_DONE = "billa_shard.json"
+_FORMAT_VERSION = "variants-1"  # rows hold every variant of a record (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class ObjectiveSettings:
     translation_extra_newline: bool
     reader_options: tuple = ()
     on_error: str = "raise"
+    prompt_types: tuple = ()  # (record type, prompt-file stem) pairs: data.prompt_types
 
 
 @dataclass
@@ -98,20 +103,20 @@ def tokenizer_fingerprint(tokenizer_dir: str) -> str:
     return fingerprint("tokenizer", files=files)
 
 
-def prompts_fingerprint(prompts_dir: str) -> str:
-    return fingerprint(json.dumps(load_prompts(prompts_dir), sort_keys=True, ensure_ascii=False))
+def prompts_fingerprint(prompts: dict[str, list[str]]) -> str:
+    return fingerprint(json.dumps(prompts, sort_keys=True, ensure_ascii=False))
 
 
 # ---- worker side -------------------------------------------------------------------------------------------------
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_dir: str, prompts_dir: str) -> None:
+def _init_worker(tokenizer_dir: str, prompts: dict[str, list[str]]) -> None:
     from billa.tokenizer.load import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     _WORKER["tokenizer"] = tokenizer
-    _WORKER["prompts"] = load_prompts(prompts_dir)
+    _WORKER["prompts"] = prompts
 
 
 _CHUNK = 2000  # records tokenised together (one batched encode, one Arrow record batch)
@@ -120,16 +125,23 @@ _CHUNK = 2000  # records tokenised together (one batched encode, one Arrow recor
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("line", pa.int64())])
+    return pa.schema(
+        [
+            ("input_ids", pa.list_(pa.list_(pa.int32()))),  # one list per variant
+            ("labels", pa.list_(pa.list_(pa.int32()))),
+            ("weights", pa.list_(pa.float64())),  # each variant's probability
+            ("cut", pa.bool_()),  # conditional generation: the cut is drawn per visit
+            ("line", pa.int64()),
+        ]
+    )
 
 
 def _encode_chunk(records: list, settings: ObjectiveSettings, ctx: ObjectiveContext, tokenizer) -> tuple[list, int]:
-    """Apply the objective to a chunk of records with one batched encode.
+    """Every variant of every record of a chunk (``objectives.variants``), with one batched encode.
 
-    Objectives are pure functions whose strings to encode depend only on the record and its RNG, so a first pass
-    records those strings, one batched call encodes them, and a second pass builds the examples from the lookup.
+    Objectives are pure functions of the record and the prompts, so a first pass records the strings they encode,
+    one batched call encodes them, and a second pass builds the variants from the lookup.
     """
-    objective = OBJECTIVES[settings.objective]
     wanted: dict[str, None] = {}
 
     def record_text(text: str) -> list[int]:
@@ -138,17 +150,17 @@ def _encode_chunk(records: list, settings: ObjectiveSettings, ctx: ObjectiveCont
 
     ctx.encode = record_text
     for record in records:
-        objective(record.fields, ctx, record_rng(settings.seed, settings.source, record.where))
+        variants(settings.objective, record.fields, ctx)
     texts = list(wanted)
     encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)) if texts else {}
     ctx.encode = encoded.__getitem__
     examples, dropped = [], 0
     for record in records:
-        example = objective(record.fields, ctx, record_rng(settings.seed, settings.source, record.where))
-        if example is None:
+        found = variants(settings.objective, record.fields, ctx)
+        if found is None:
             dropped += 1
         else:
-            examples.append((example, record.line))
+            examples.append((found, record.line))
     return examples, dropped
 
 
@@ -156,6 +168,7 @@ def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> Sh
     """Read one file in chunks, apply the objective, stream Arrow record batches, rename the shard into place."""
     import pyarrow as pa
 
+    _IDS = pa.list_(pa.list_(pa.int32()))  # noqa: N806
     tokenizer = _WORKER["tokenizer"]
     ctx = ObjectiveContext(
         encode=None,
@@ -164,6 +177,7 @@ def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> Sh
         max_len=settings.max_len,
         prompts=_WORKER["prompts"],
         translation_extra_newline=settings.translation_extra_newline,
+        prompt_types=dict(settings.prompt_types),
     )
     stats = ReadStats()
     tmp = Path(shard_dir + f".tmp{os.getpid()}")
@@ -181,8 +195,10 @@ def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> Sh
                 writer.write_batch(
                     pa.record_batch(
                         [
-                            pa.array([e.input_ids for e, _ in examples], pa.list_(pa.int32())),
-                            pa.array([e.labels for e, _ in examples], pa.list_(pa.int32())),
+                            pa.array([[e.input_ids for e in v.examples] for v, _ in examples], _IDS),
+                            pa.array([[e.labels for e in v.examples] for v, _ in examples], _IDS),
+                            pa.array([list(v.weights) for v, _ in examples], pa.list_(pa.float64())),
+                            pa.array([v.cut for v, _ in examples], pa.bool_()),
                             pa.array([line for _, line in examples], pa.int64()),
                         ],
                         schema=_schema(),
@@ -208,17 +224,22 @@ def tokenize_source(
     pattern: str | list[str],
     settings: ObjectiveSettings,
     tokenizer_dir: str,
-    prompts_dir: str,
+    prompts: dict[str, list[str]],
     cache_root: str | os.PathLike,
     num_proc: int = 1,
     what: str = "data.sources",
 ) -> tuple[datasets.Dataset, dict]:
-    """Tokenise every file of ``pattern`` (or a list of files) once, reusing finished shards; return dataset + stats."""
+    """Tokenise every file of ``pattern`` (or a list of files) once, reusing finished shards.
+
+    Returns:
+        The source as a ``VariantSource`` (one draw per visit) over the memory-mapped shards, and the read stats.
+    """
     files = list(pattern) if isinstance(pattern, list) else expand_paths(pattern, what)
     settings_key = fingerprint(
         json.dumps(asdict(settings), sort_keys=True),
         tokenizer_fingerprint(tokenizer_dir),
-        prompts_fingerprint(prompts_dir),
+        prompts_fingerprint(prompts),
+        _FORMAT_VERSION,
     )
     root = Path(cache_root) / settings.source / settings_key
     root.mkdir(parents=True, exist_ok=True)
@@ -234,12 +255,12 @@ def tokenize_source(
         if num_proc > 1 and len(todo) > 1:
             # spawn, not fork: the caller may already hold threads (DataLoader, gloo, tokenizers' pool)
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer_dir, prompts_dir)) as pool:
+            with ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer_dir, prompts)) as pool:
                 futures = {pool.submit(_tokenize_file, path, settings, shard): path for path, shard in todo}
                 for future in tqdm(futures, desc=desc, unit="file"):
                     shards[futures[future]] = future.result()
         else:
-            _init_worker(tokenizer_dir, prompts_dir)
+            _init_worker(tokenizer_dir, prompts)
             for path, shard in tqdm(todo, desc=desc, unit="file", disable=len(todo) < 2):
                 shards[path] = _tokenize_file(path, settings, shard)
     parts, totals = [], {}
@@ -255,4 +276,32 @@ def tokenize_source(
     totals["reused_shards"] = sum(r.reused for r in shards.values())
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     totals["examples"] = len(dataset)
-    return dataset.with_format("numpy", columns=["input_ids", "labels"]), totals
+    return VariantSource(dataset, settings.seed, settings.source), totals
+
+
+class VariantSource:
+    """A tokenised source whose records are drawn per visit: ``source.example(index, visit)`` -> input_ids, labels.
+
+    The draw uses ``record_rng(seed, source, index, visit)``: a record's cut point, translation direction and prompt,
+    or task prompt placement and line change from one visit (epoch of this source) to the next, and are the same on
+    every run and after every resume. ``source[index]`` is visit 0 (validation).
+    """
+
+    def __init__(self, dataset: datasets.Dataset, seed: int, name: str):
+        self.dataset = dataset.with_format(None, columns=["input_ids", "labels", "weights", "cut"])
+        self.seed, self.name = seed, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def variants(self, index: int) -> Variants:
+        row = self.dataset[int(index)]
+        examples = tuple(Example(ids, labels) for ids, labels in zip(row["input_ids"], row["labels"], strict=True))
+        return Variants(examples, tuple(row["weights"]), bool(row["cut"]))
+
+    def example(self, index: int, visit: int = 0) -> dict:
+        example = self.variants(index).draw(record_rng(self.seed, self.name, int(index), visit))
+        return {"input_ids": example.input_ids, "labels": example.labels}
+
+    def __getitem__(self, index: int) -> dict:
+        return self.example(index, 0)

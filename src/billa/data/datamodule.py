@@ -12,7 +12,7 @@ from billa.config import ConfigError
 from billa.data.cache import ObjectiveSettings, tokenize_source
 from billa.data.collate import PackCollator, PadCollator
 from billa.data.mixing import MixedDataset, StreamSampler
-from billa.data.objectives import OBJECTIVES
+from billa.data.objectives import OBJECTIVES, load_prompts
 from billa.data.readers import expand_paths, record_kind
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
@@ -37,7 +37,12 @@ class BillaDataModule(L.LightningDataModule):
         seed: drives cut points, prompts, directions and the per-source permutations.
         val_max_records: at most this many validation records per source.
         build: optional callable that creates the files (the sample corpus); run once on rank 0.
-        prompts_dir: directory of ``*.prompt`` files; default ``conf/prompts``.
+        prompts_dir: directory of ``*.prompt`` files (``data.prompts_dir``); default ``conf/prompts``. BiLLa's layout
+            (``<type>.pre.prompt`` / ``<type>.post.prompt``) is read as it is.
+        prompt_types: ``data.prompt_types``: record ``type`` -> prompt-file stem, for types without their own files.
+        translation_prompts: ``data.translation_prompts``: ``en2zh`` / ``zh2en`` -> prompt file; default
+            ``<prompts_dir>/translation.<direction>.prompt``.
+        translation_extra_newline: stage 2's translation prefix, ``source.rstrip() + "\\n" + prompt + "\\n"``.
         on_error: ``raise`` at the first malformed record (naming file and line), or ``skip``: count, report, log.
         token_cache_dir: where tokenised Arrow shards are kept (``billa.data.cache``).
         num_proc: tokenisation worker processes.
@@ -69,6 +74,8 @@ class BillaDataModule(L.LightningDataModule):
         layout: str = "pad",
         mix_mode: str = "round_robin",
         data_slice: str | None = None,
+        prompt_types: Mapping[str, str] | None = None,
+        translation_prompts: Mapping[str, str] | None = None,
     ):
         super().__init__()
         self.sources = {name: dict(spec) for name, spec in sources.items()}
@@ -84,6 +91,9 @@ class BillaDataModule(L.LightningDataModule):
         self.val_max_records = val_max_records
         self.build = build
         self.prompts_dir = prompts_dir or str(DEFAULT_PROMPTS_DIR)
+        self.prompt_types = dict(prompt_types or {})
+        self.translation_prompts = dict(translation_prompts or {})
+        self._prompts: dict[str, list[str]] | None = None
         self.translation_extra_newline = translation_extra_newline
         self.num_workers = num_workers
         self.on_error = on_error
@@ -114,6 +124,7 @@ class BillaDataModule(L.LightningDataModule):
                 if k not in ("kind", "format", "train", "val", "slices")
             )
         )
+        types = tuple(sorted(self.prompt_types.items())) if objective in ("task", "dialogue") else ()
         return ObjectiveSettings(
             name,
             spec["format"],
@@ -123,7 +134,15 @@ class BillaDataModule(L.LightningDataModule):
             self.translation_extra_newline,
             options,
             self.on_error,
+            types,
         )
+
+    @property
+    def prompts(self) -> dict[str, list[str]]:
+        """The prompt set: ``prompts_dir``'s files and the translation prompt files, read once."""
+        if self._prompts is None:
+            self._prompts = load_prompts(self.prompts_dir, self.translation_prompts)
+        return self._prompts
 
     def files(self, name: str, split: str) -> list[str]:
         """The files of a source's split; for ``train``, only the stage's slice of them (``data.slice``)."""
@@ -153,7 +172,7 @@ class BillaDataModule(L.LightningDataModule):
             self.files(name, split),
             self._settings(name),
             self.tokenizer_dir,
-            self.prompts_dir,
+            self.prompts,
             self.token_cache_dir,
             self.num_proc,
             f"data.sources.{name}.{split}",
@@ -208,8 +227,8 @@ class BillaDataModule(L.LightningDataModule):
         for name, split in self._splits():
             if split == "val":
                 val = self._tokenized(name, "val")
-                for row in val.select(range(min(len(val), self.val_max_records))):
-                    self.val_set.append({"input_ids": row["input_ids"], "labels": row["labels"], "source": name})
+                for index in range(min(len(val), self.val_max_records)):
+                    self.val_set.append({**val.example(index, visit=0), "source": name})
         return self.val_set
 
     def train_dataloader(self) -> DataLoader:

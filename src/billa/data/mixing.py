@@ -75,6 +75,12 @@ class MixedDataset(Dataset):
 
     def locate(self, index: int) -> tuple[str, int]:
         """(source name, example index within the source) of stream sample ``index``."""
+        name, example_index, _ = self.locate_visit(index)
+        return name, example_index
+
+    def locate_visit(self, index: int) -> tuple[str, int, int]:
+        """(source name, example index, visit) of stream sample ``index``; visit = how many times the source was
+        exhausted before (its epoch), so a record's random choices are redrawn on every pass over its source."""
         if self.mode == "probability":
             name, occurrence = self._names[self._source_of[index]], int(self._occurrence[index])
         else:
@@ -82,13 +88,16 @@ class MixedDataset(Dataset):
             name = self.cycle[slot]
             occurrence = cycle_no * self.weights[name] + self._rank_in_cycle[slot]
         epoch, within = divmod(occurrence, len(self.sources[name]))
-        return name, int(self._permutation(name, epoch)[within])
+        return name, int(self._permutation(name, epoch)[within]), int(epoch)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
-        name, example_index = self.locate(index)
-        example = self.sources[name][example_index]
+        name, example_index, visit = self.locate_visit(index)
+        source = self.sources[name]
+        if hasattr(source, "example"):  # a VariantSource: the record's random choices are drawn for this visit
+            return {**source.example(example_index, visit), "source": name}
+        example = source[example_index]
         if isinstance(example, Example):
             return {"input_ids": example.input_ids, "labels": example.labels, "source": name}
         return {"input_ids": example["input_ids"], "labels": example["labels"], "source": name}  # an Arrow row

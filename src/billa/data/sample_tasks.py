@@ -279,7 +279,11 @@ def _numbered(records: Iterator[dict], n: int) -> list[dict]:
 
 
 def stage2_task_sets(sentences: list[dict], documents: list[tuple[str, str, list[dict]]], n: int = 200) -> dict:
-    """The ten stage-2 task sets (BiLLa's names), ``n`` records each, as ``{"id", "input", "output", "type"}``."""
+    """The ten stage-2 task sets (BiLLa's names), ``n`` records each, as ``{"id", "input", "output", "type"}``.
+
+    ``type`` is the source data set's name as in BiLLa's data (``ape210k``, ``squad2``, ``cnewsum-gen-abs`` ...);
+    ``data.prompt_types`` maps each to a prompt-file stem of the prompt set.
+    """
     docs = _Docs(documents)
 
     def task_set(name: str, type_: str, make: Callable[[random.Random], tuple[str, str]]) -> list[dict]:
@@ -303,16 +307,16 @@ def stage2_task_sets(sentences: list[dict], documents: list[tuple[str, str, list
         return problem["en_q"], _en_math_output(problem)
 
     return {
-        "zh-qa-long": task_set("zh-qa-long", "qa", lambda rng: _qa_long(rng, sentences)),
-        "zh-qa-short": task_set("zh-qa-short", "qa", lambda rng: _qa_short(rng, sentences)),
-        "zh-reasoning": task_set("zh-reasoning", "math", zh_reasoning),
-        "zh-summary": task_set("zh-summary", "summary", lambda rng: _summary_zh(rng, docs)),
-        "en-hotpotqa": task_set("en-hotpotqa", "reasoning", _multi_hop),
-        "en-reasoning": task_set("en-reasoning", "math", en_reasoning),
-        "en-squad2": task_set("en-squad2", "reading_comprehension", lambda rng: _squad(rng, docs)),
-        "en-summary": task_set("en-summary", "summary", lambda rng: _summary_en(rng, docs)),
-        "en-summary-dialogue": task_set("en-summary-dialogue", "summary", lambda rng: _dialogue_summary(rng, docs)),
-        "en-wikihow": task_set("en-wikihow", "how_to", lambda rng: _how_to(rng, sentences)),
+        "zh-qa-long": task_set("zh-qa-long", "webqa", lambda rng: _qa_long(rng, sentences)),
+        "zh-qa-short": task_set("zh-qa-short", "cmrc2018", lambda rng: _qa_short(rng, sentences)),
+        "zh-reasoning": task_set("zh-reasoning", "ape210k", zh_reasoning),
+        "zh-summary": task_set("zh-summary", "cnewsum-gen-abs", lambda rng: _summary_zh(rng, docs)),
+        "en-hotpotqa": task_set("en-hotpotqa", "hotpotqa", _multi_hop),
+        "en-reasoning": task_set("en-reasoning", "mathqa", en_reasoning),
+        "en-squad2": task_set("en-squad2", "squad2", lambda rng: _squad(rng, docs)),
+        "en-summary": task_set("en-summary", "cnndm-gen-abs", lambda rng: _summary_en(rng, docs)),
+        "en-summary-dialogue": task_set("en-summary-dialogue", "samsum", lambda rng: _dialogue_summary(rng, docs)),
+        "en-wikihow": task_set("en-wikihow", "wikihow-step", lambda rng: _how_to(rng, sentences)),
     }
 
 
@@ -420,9 +424,9 @@ def stage3_sets(sentences: list[dict], documents: list[tuple[str, str, list[dict
     def task_dialogue(i):  # stage-2 task records, converted to dialogues by the SFT objective
         problem = _mwp(rng)
         if i % 2:
-            return {"id": f"task-{i}", "input": problem["zh_q"], "output": _zh_math_output(problem), "type": "math"}
+            return {"id": f"task-{i}", "input": problem["zh_q"], "output": _zh_math_output(problem), "type": "ape210k"}
         question, answer = _squad(rng, docs)
-        return {"id": f"task-{i}", "input": question, "output": answer, "type": "reading_comprehension"}
+        return {"id": f"task-{i}", "input": question, "output": answer, "type": "squad2"}
 
     return {
         "code-alpaca-en": [("code_alpaca_20k.json", repeat(code_alpaca), True)],
