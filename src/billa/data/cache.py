@@ -26,7 +26,7 @@ from pathlib import Path
 import datasets
 from tqdm.auto import tqdm
 
-from billa.data.objectives import Example, ObjectiveContext, Variants, record_rng, variants
+from billa.data.objectives import Example, ObjectiveContext, Variants, load_prompts, record_rng, variants
 from billa.data.readers import HUB_PREFIX, ReadStats, expand_paths, read_records
 from billa.utils.logging import get_logger
 
@@ -224,16 +224,20 @@ def tokenize_source(
     pattern: str | list[str],
     settings: ObjectiveSettings,
     tokenizer_dir: str,
-    prompts: dict[str, list[str]],
+    prompts: dict[str, list[str]] | str | os.PathLike,
     cache_root: str | os.PathLike,
     num_proc: int = 1,
     what: str = "data.sources",
 ) -> tuple[datasets.Dataset, dict]:
     """Tokenise every file of ``pattern`` (or a list of files) once, reusing finished shards.
 
+    ``prompts`` is the loaded prompt set (``objectives.load_prompts``) or a prompts directory.
+
     Returns:
         The source as a ``VariantSource`` (one draw per visit) over the memory-mapped shards, and the read stats.
     """
+    if not isinstance(prompts, dict):
+        prompts = load_prompts(prompts)
     files = list(pattern) if isinstance(pattern, list) else expand_paths(pattern, what)
     settings_key = fingerprint(
         json.dumps(asdict(settings), sort_keys=True),
