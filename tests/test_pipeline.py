@@ -144,6 +144,8 @@ def test_ablation_sweep_writes_its_comparison(store, tmp_path, cache_dir, sample
     table = (tmp_path / "sweep" / "comparison.md").read_text()
     assert "| three_stage | pretrain -> task_mix -> sft |" in table and "| skip_2 |" in table
     assert (tmp_path / "sweep" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    groups = {json.loads((tmp_path / "sweep" / p / "pipeline.json").read_text())["group"] for p in ("0", "1", "2")}
+    assert groups == {"sweep-sweep"}  # every variant's stages in one W&B group (named after the sweep directory)
     stage_dirs = sorted(p.name.split("-")[0] for p in (tmp_path / "stages").iterdir() if p.is_dir())
     assert stage_dirs.count("stage1") == 1 and stage_dirs.count("stage3") == 2  # after stage 2, and after stage 1
 

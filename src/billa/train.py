@@ -274,7 +274,7 @@ def run(cfg: DictConfig) -> dict:
 
 def main(cfg: DictConfig) -> dict:
     """``train.py``: a whole pipeline when ``pipeline=`` is chosen (``billa.pipeline``), else one stage."""
-    if cfg.get("pipeline"):
+    if cfg.get("pipeline") and cfg.pipeline.get("steps"):
         from billa.pipeline import run_pipeline
 
         return run_pipeline(cfg)
