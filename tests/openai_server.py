@@ -103,6 +103,7 @@ class OpenAIServer:
         self.api_key = api_key
         self.model = model
         self.requests: list[Request] = []
+        self.errors: list[Exception] = []  # exceptions raised by ``respond``
         self._queue: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -159,7 +160,12 @@ class OpenAIServer:
             return injected
         if self.fault is not None and (reply := self.fault(request)) is not None:
             return reply
-        answer = self.respond(request.messages, request.body)
+        try:
+            answer = self.respond(request.messages, request.body)
+        except Exception as err:  # a bug in the test's responder: a 500 the test can see in .errors
+            with self._lock:
+                self.errors.append(err)
+            return Reply.server_error(500)
         return answer if isinstance(answer, Reply) else Reply(content=answer)
 
     def _completion(self, reply: Reply, body: dict) -> bytes:

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -115,7 +115,7 @@ class Usage:
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:
-            out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+            out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
         return out
 
