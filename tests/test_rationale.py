@@ -231,6 +231,38 @@ def test_every_template_file_loads_and_renders():
             assert "THE-INPUT" in user and "THE-ANSWER" in user and "{" not in user
 
 
+def test_stopped_run_resumes_without_duplicates_or_repaid_answers(openai_server, key, tmp_path):
+    """A run stopped mid-way (the key revoked: 401 is fatal) and rerun: every record once, and answers that arrived
+    but were not yet written are re-read from the response cache (bugs: duplicates; paying twice for in-flight
+    answers; a revoked key failing every remaining record one by one instead of stopping)."""
+    answered: list[str] = []
+
+    def counting_model(messages, body):
+        answered.append(RECORD_ID.search(messages[-1]["content"]).group(1))
+        time.sleep(0.02)
+        return fake_model(messages, body)
+
+    openai_server.respond = counting_model
+    openai_server.fault = lambda request: Reply.server_error(401) if len(answered) >= 5 else None
+    n = 12
+    tasks = write_tasks(
+        tmp_path / "tasks.jsonl",
+        [{"id": f"t{i}", "input": f"[r{i}] {i} + 1 = ?", "output": str(i + 1), "type": "gsm8k"} for i in range(n)],
+    )
+    with pytest.raises(RationaleError, match="stopping: HTTP 401"):
+        run(compose_rationale(overrides(openai_server, tmp_path, tasks)))
+    out = tmp_path / "out" / "rationales.jsonl"
+    written_first = [r["id"] for r in read_jsonl(out)]
+    answered_first = set(answered)
+    assert 1 <= len(written_first) <= len(answered_first) < n
+
+    openai_server.fault = None
+    summary = run(compose_rationale(overrides(openai_server, tmp_path, tasks)))
+    assert summary["cached"] == len(answered_first) - len(written_first)  # answered, not yet written: no new request
+    assert sorted(r["id"] for r in read_jsonl(out)) == sorted(f"t{i}" for i in range(n))
+    assert sorted(answered) == sorted(f"r{i}" for i in range(n))  # each record answered (paid) exactly once
+
+
 def _run_cli(server: OpenAIServer, tasks: Path, out: Path, run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(ROOT / "src")}
     args = [
@@ -247,6 +279,7 @@ def _run_cli(server: OpenAIServer, tasks: Path, out: Path, run_dir: Path) -> sub
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # two CLI start-ups (~4 s each here: importing openai); the in-process twin above is fast
 def test_killed_run_resumes_exactly_once_without_repaying(openai_server, tmp_path):
     """SIGKILL mid-run, then the same command again: every record written exactly once, no finished record asked
     again, and the key in no output, log or config dump (bugs: duplicates after resume; done ids re-requested;

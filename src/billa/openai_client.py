@@ -251,6 +251,7 @@ class ChatClient:
         self._rng = random.Random(seed)
         self._client: openai.OpenAI | None = None
         self._client_lock = threading.Lock()
+        self._stopping = threading.Event()  # set while map_unordered winds down: no new retries
 
     # -- key and endpoint ---------------------------------------------------------------------------------------
 
@@ -358,7 +359,7 @@ class ChatClient:
                 reason, status = f"connection error ({self._scrub(str(err.__cause__ or err))})", None
             except (ValueError, TypeError, AttributeError, IndexError) as err:  # JSON cut short or wrong shape
                 reason, status = f"malformed response ({type(err).__name__}: {self._scrub(str(err))[:120]})", None
-            if retry == self.max_retries:
+            if retry == self.max_retries or self._stopping.is_set():
                 raise ChatFailed(f"{reason}; gave up after {retry + 1} requests", status=status)
             delay = self._backoff(retry, retry_after)
             if status == 429:
@@ -403,6 +404,8 @@ class ChatClient:
                 text, usage = hit["text"], hit.get("usage", {})
                 self.usage.add(cached=1)
             else:
+                if attempt and self._stopping.is_set():  # winding down: no new paid attempts
+                    raise ChatFailed(f"stopped before answer {attempt + 1}")
                 text, usage = self._send(messages, params)
                 self.cache.put(answer_key, text, usage)
             try:
@@ -420,8 +423,10 @@ class ChatClient:
 
         Items are read lazily (at most twice ``max_concurrency`` wait in the queue), so a huge input file is never
         held in memory. Closing the iterator early (an exception in the caller, Ctrl-C) cancels what has not
-        started.
+        started and waits for the requests in flight (no further retries), so answers already paid for reach the
+        response cache.
         """
+        self._stopping.clear()
         pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="billa-openai")
         pending: dict[Future, T] = {}
         iterator = iter(items)
@@ -443,7 +448,9 @@ class ChatClient:
                     error = future.exception()
                     yield item, (error if error is not None else future.result())
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            self._stopping.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._stopping.clear()
 
     def close(self) -> None:
         self.cache.close()
