@@ -132,6 +132,10 @@ def test_rationales_written_checked_and_readable_as_stage2_source(openai_server,
     requested = [RECORD_ID.search(r.user_text).group(1) for r in openai_server.chat_requests()]
     assert requested.count("r7") == 3 and "r8" not in requested and len(requested) == 6 + 3
 
+    again = run(compose_rationale(overrides(openai_server, tmp_path, tasks, "answer_attempts=3")))
+    assert (again["done"], again["rejected"], again["finished_before"]) == (0, 0, 8)  # rejected ids are final too
+    assert len(openai_server.chat_requests()) == 9
+
 
 def test_429_500_timeouts_and_malformed_json_are_survived(openai_server, key, tmp_path):
     """Every fault kind on the way; every record still done once (bug: a transient fault drops a record)."""
@@ -255,12 +259,15 @@ def test_stopped_run_resumes_without_duplicates_or_repaid_answers(openai_server,
     written_first = [r["id"] for r in read_jsonl(out)]
     answered_first = set(answered)
     assert 1 <= len(written_first) <= len(answered_first) < n
+    with open(out, "a", encoding="utf-8") as f:  # a writer killed mid-line leaves a partial last line
+        f.write('{"id": "t11", "input": "[r11] 11 + 1')
 
     openai_server.fault = None
     summary = run(compose_rationale(overrides(openai_server, tmp_path, tasks)))
     assert summary["cached"] == len(answered_first) - len(written_first)  # answered, not yet written: no new request
     assert sorted(r["id"] for r in read_jsonl(out)) == sorted(f"t{i}" for i in range(n))
     assert sorted(answered) == sorted(f"r{i}" for i in range(n))  # each record answered (paid) exactly once
+    assert len(list(read_records(str(out), "task", "data.sources.en-reasoning.train"))) == n
 
 
 def _run_cli(server: OpenAIServer, tasks: Path, out: Path, run_dir: Path) -> subprocess.Popen:
