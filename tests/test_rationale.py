@@ -137,6 +137,16 @@ def test_rationales_written_checked_and_readable_as_stage2_source(openai_server,
     assert len(openai_server.chat_requests()) == 9
 
 
+def test_output_plugs_into_stage2_with_one_override(compose, tmp_path):
+    """The README's flow: `stage=task_mix data=billa data.sources.en-reasoning.train=<output>` composes to a task
+    source read by the task reader (bug: the documented override names a source or key that does not exist)."""
+    out = tmp_path / "rationales.jsonl"
+    cfg = compose(["stage=task_mix", "data=billa", f"data.sources.en-reasoning.train={out}"])
+    source = cfg.data.sources["en-reasoning"]
+    assert (source.kind, source.format, source.train) == ("task", "task", str(out))
+    assert cfg.data.mix["en-reasoning"] >= 1
+
+
 def test_429_500_timeouts_and_malformed_json_are_survived(openai_server, key, tmp_path):
     """Every fault kind on the way; every record still done once (bug: a transient fault drops a record)."""
     openai_server.respond = fake_model
