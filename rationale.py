@@ -6,9 +6,13 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="rationale")
 def main(cfg: DictConfig) -> dict:
-    from billa.rationale import run
+    from billa.openai_client import OpenAIConfigError
+    from billa.rationale import RationaleError, run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except (OpenAIConfigError, RationaleError) as err:  # a user's mistake: its message, not a traceback
+        raise SystemExit(f"rationale.py: error: {err}") from None
 
 
 if __name__ == "__main__":

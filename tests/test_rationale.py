@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 
 from billa.data.readers import read_records
 from billa.openai_client import OpenAIConfigError
@@ -233,8 +234,11 @@ def test_bad_input_is_reported_before_any_request(openai_server, key, tmp_path):
 
 
 def test_every_template_file_loads_and_renders():
-    """Each configured family has a zh and an en template that renders both placeholders."""
+    """The config composes and instantiates; each configured family has a zh and an en template that renders both
+    placeholders (bug: a template file missing or with a typo in a placeholder, found only mid-run)."""
     cfg = compose_rationale(["input=x.jsonl", "output=y.jsonl"])
+    client = instantiate(cfg.client, cache_path=None)  # no network and no key needed to build it
+    assert (client.model, client.max_concurrency, client.params["temperature"]) == ("gpt-3.5-turbo", 8, 0.7)
     families = set(cfg.templates.values())
     assert families == {"math", "choice", "multihop_qa", "reading_comprehension", "summary", "code"}
     TemplateSet(None, dict(cfg.templates))  # loads every file of every family
@@ -280,8 +284,11 @@ def test_stopped_run_resumes_without_duplicates_or_repaid_answers(openai_server,
     assert len(list(read_records(str(out), "task", "data.sources.en-reasoning.train"))) == n
 
 
-def _run_cli(server: OpenAIServer, tasks: Path, out: Path, run_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(ROOT / "src")}
+def _run_cli(server: OpenAIServer, tasks: Path, out: Path, run_dir: Path, key: str | None = KEY) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop(KEY_ENV, None)
+    if key is not None:
+        env[KEY_ENV] = key
     args = [
         sys.executable,
         "rationale.py",
@@ -313,6 +320,11 @@ def test_killed_run_resumes_exactly_once_without_repaying(openai_server, tmp_pat
         [{"id": f"t{i}", "input": f"[r{i}] {i} + 1 = ?", "output": str(i + 1), "type": "gsm8k"} for i in range(n)],
     )
     out = tmp_path / "data" / "rationales.jsonl"
+    no_key = _run_cli(openai_server, tasks, out, tmp_path / "run0", key=None)
+    _, err = no_key.communicate(timeout=60)
+    assert no_key.returncode == 1 and f"rationale.py: error: no API key: the environment variable {KEY_ENV}" in err
+    assert "Traceback" not in err and openai_server.requests == []
+
     first = _run_cli(openai_server, tasks, out, tmp_path / "run1")
     deadline = time.monotonic() + 60
     while len(read_jsonl(out)) < 10 and time.monotonic() < deadline and first.poll() is None:
