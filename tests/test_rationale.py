@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from billa.data.readers import read_records
 from billa.openai_client import OpenAIConfigError
 from billa.rationale import RationaleError, run
-from billa.rationale.prompts import DEFAULT_PROMPT_DIR, LANGS, TemplateSet, load_template
+from billa.rationale.prompts import DEFAULT_PROMPT_DIR, LANGS, load_template
 
 from .conftest import CONF, ROOT
 from .openai_server import OpenAIServer, Reply
@@ -103,7 +103,7 @@ def key(monkeypatch):
     return KEY
 
 
-def test_rationales_written_checked_and_readable_as_stage2_source(openai_server, key, tmp_path):
+def test_rationales_written_checked_and_readable_as_stage2_source(openai_server, key, tmp_path, caplog):
     """Accepted records end in the gold answer and read as `task` records; the always-wrong record costs exactly
     answer_attempts requests and lands in the rejected file (bugs: wrong answers written as training data; retry
     budget unbounded; a record with an unreadable gold label sent to the API)."""
@@ -132,6 +132,10 @@ def test_rationales_written_checked_and_readable_as_stage2_source(openai_server,
     assert rejected["nogold"]["reason"].startswith("gold answer unreadable: no numeric gold answer")
     requested = [RECORD_ID.search(r.user_text).group(1) for r in openai_server.chat_requests()]
     assert requested.count("r7") == 3 and "r8" not in requested and len(requested) == 6 + 3
+
+    for path in (tmp_path / "out").iterdir():  # output, rejected and responses files
+        assert KEY not in path.read_text(encoding="utf-8"), path
+    assert KEY not in caplog.text
 
     again = run(compose_rationale(overrides(openai_server, tmp_path, tasks, "answer_attempts=3")))
     assert (again["done"], again["rejected"], again["finished_before"]) == (0, 0, 8)  # rejected ids are final too
@@ -233,6 +237,20 @@ def test_bad_input_is_reported_before_any_request(openai_server, key, tmp_path):
     assert (summary["done"], summary["skipped"]) == (1, 1)
 
 
+def test_a_broken_template_is_reported_before_any_request(openai_server, key, tmp_path):
+    """A custom prompt_dir whose template has a typo in a placeholder: error naming file and field, no request."""
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for lang in LANGS:
+        text = (DEFAULT_PROMPT_DIR / f"math.{lang}.yaml").read_text(encoding="utf-8")
+        (prompts / f"math.{lang}.yaml").write_text(text.replace("{input}", "{problem}"), encoding="utf-8")
+    tasks = write_tasks(tmp_path / "tasks.jsonl", TASKS[:1])
+    argv = overrides(openai_server, tmp_path, tasks, f"prompt_dir={prompts}")  # only the families in use must exist
+    with pytest.raises(RationaleError, match=rf":1: {prompts}/math\.zh\.yaml: field user: bad placeholder 'problem'"):
+        run(compose_rationale(argv))
+    assert openai_server.requests == []
+
+
 def test_every_template_file_loads_and_renders():
     """The config composes and instantiates; each configured family has a zh and an en template that renders both
     placeholders (bug: a template file missing or with a typo in a placeholder, found only mid-run)."""
@@ -241,7 +259,6 @@ def test_every_template_file_loads_and_renders():
     assert (client.model, client.max_concurrency, client.params["temperature"]) == ("gpt-3.5-turbo", 8, 0.7)
     families = set(cfg.templates.values())
     assert families == {"math", "choice", "multihop_qa", "reading_comprehension", "summary", "code"}
-    TemplateSet(None, dict(cfg.templates))  # loads every file of every family
     for family in families:
         for lang in LANGS:
             template = load_template(DEFAULT_PROMPT_DIR / f"{family}.{lang}.yaml")

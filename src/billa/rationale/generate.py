@@ -110,7 +110,7 @@ def _raw_tasks(pattern: str, on_error: str, log_skips: bool = True) -> Iterator[
 def _task(where: str, raw: dict, templates: TemplateSet) -> Task:
     try:
         template = templates.for_record(raw.get("type"), raw["input"])
-    except KeyError as err:
+    except (KeyError, FileNotFoundError, ValueError) as err:  # no template for the type, or a missing/broken file
         raise RationaleError(f"{where}: {err.args[0]}") from None
     try:
         gold, error = gold_answer(raw["output"], template.check), None
@@ -253,7 +253,10 @@ def run(cfg: DictConfig) -> dict:
     if cfg.on_error not in ("raise", "skip"):
         raise RationaleError(f"on_error={cfg.on_error!r}: expected raise or skip")
     paths = Paths.from_config(cfg)
-    templates = TemplateSet(cfg.prompt_dir, OmegaConf.to_container(cfg.templates), cfg.default_template, cfg.lang)
+    try:
+        templates = TemplateSet(cfg.prompt_dir, OmegaConf.to_container(cfg.templates), cfg.default_template, cfg.lang)
+    except (ValueError, FileNotFoundError) as err:
+        raise RationaleError(str(err)) from None
     finished = _finished_ids(paths)
     stats = scan(cfg, templates, finished)
     log.info("%s: %d records, %d already finished, %d to do", cfg.input, stats.records, stats.finished, stats.pending)

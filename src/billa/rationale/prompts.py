@@ -59,7 +59,7 @@ def load_template(path: Path) -> Template:
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(
                 f"{path}: field {key}: bad placeholder {err} (only {{input}} and {{answer}}; "
-                "write literal braces as {{{{ }}}})"
+                "write literal braces as {{ and }})"
             ) from None
     if "{answer}" not in data["answer_line"]:
         raise ValueError(f"{path}: answer_line must contain {{answer}}")
@@ -77,7 +77,7 @@ def detect_lang(text: str) -> str:
 
 
 class TemplateSet:
-    """Record type -> template family -> ``<family>.<lang>.yaml`` in ``prompt_dir`` (loaded once, validated).
+    """Record type -> template family -> ``<family>.<lang>.yaml`` in ``prompt_dir`` (each loaded once, validated).
 
     Args:
         prompt_dir: the directory of template files (null: ``conf/rationale_prompts`` of this repository).
@@ -102,10 +102,8 @@ class TemplateSet:
         self.families = dict(templates or {})
         self.default = default_template
         self.lang = lang
-        self._cache: dict[str, Template] = {}
-        for family in {*self.families.values(), *([default_template] if default_template else [])}:
-            for code in LANGS if lang == "auto" else (lang,):
-                self._load(family, code, key=f"templates (family {family!r})")
+        self._cache: dict[str, Template] = {}  # loaded on first use: the pre-request scan of the input meets
+        # every template the run needs, so a missing or broken file stops the run before any request
 
     def _load(self, family: str, lang: str, key: str) -> Template:
         name = f"{family}.{lang}"
@@ -126,4 +124,5 @@ class TemplateSet:
         family = self.family_for(record_type)
         if family is None:
             raise KeyError(f"record type {record_type!r} has no template (add it to templates or set default_template)")
-        return self._load(family, detect_lang(text) if self.lang == "auto" else self.lang, key="templates")
+        key = f"templates.{record_type}" if record_type in self.families else "default_template"
+        return self._load(family, detect_lang(text) if self.lang == "auto" else self.lang, key=key)
