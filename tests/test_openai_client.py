@@ -193,3 +193,15 @@ def test_no_key_mode_for_servers_without_auth(openai_server):
     client = ChatClient("test-model", base_url=openai_server.url, api_key_env=None)
     client.preflight()
     assert client.chat(MESSAGES).text == "ok"
+
+
+def test_unknown_request_parameter_is_named_at_construction(openai_server, key_env):
+    """A typo in client.params fails before any request, naming the key (bug: 7 requests per record, then 'failed')."""
+    with pytest.raises(ValueError, match=r"client.params: unknown chat.completions parameter\(s\) \['temprature'\]"):
+        _client(openai_server, key_env, params={"temprature": 0.7})
+    client = _client(openai_server, key_env, params={"temperature": 0.7, "extra_body": {"top_k": 20}})
+    assert client.chat(MESSAGES).text == "ok"
+    assert (
+        openai_server.chat_requests()[0].body["top_k"] == 20
+        and openai_server.chat_requests()[0].body["temperature"] == 0.7
+    )

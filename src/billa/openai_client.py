@@ -20,6 +20,7 @@ errors or the cache. This module imports neither torch nor lightning, so a CLI b
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -51,6 +52,10 @@ class OpenAIConfigError(RuntimeError):
 
 class UnparsableResponse(ValueError):
     """Raised by a caller's ``parse``: the answer arrived but is not usable; the message says why."""
+
+
+class MalformedResponse(ValueError):
+    """A 200 answer without usable message text (retried like a transient failure)."""
 
 
 class ChatFailed(RuntimeError):
@@ -159,7 +164,7 @@ class ResponseCache:
         self._writer: JsonlAppender | None = None
         self._lock = threading.Lock()
         if self.path is not None:
-            for _, entry in read_jsonl(self.path):
+            for _, entry in read_jsonl(self.path, on_bad=lambda why: log.warning("response cache: skipped %s", why)):
                 if "key" in entry and isinstance(entry.get("text"), str):
                     self._entries[entry["key"]] = entry
 
@@ -184,6 +189,19 @@ class ResponseCache:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+
+
+def _check_params(params: dict, what: str) -> None:
+    """Unknown request parameters fail here, naming the key, instead of on every request."""
+    from openai.resources.chat.completions import Completions
+
+    known = set(inspect.signature(Completions.create).parameters) - {"self", "model", "messages", "stream"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(
+            f"{what}: unknown chat.completions parameter(s) {unknown}; server-specific ones (vLLM's top_k, ...) go "
+            f"in extra_body. Known: {', '.join(sorted(k for k in known if not k.startswith('extra_')))}"
+        )
 
 
 def _retry_after(err: openai.APIStatusError) -> float | None:
@@ -245,6 +263,7 @@ class ChatClient:
         self.timeout_s = float(timeout_s)
         self.preflight_timeout_s = float(preflight_timeout_s)
         self.params = dict(params or {})
+        _check_params(self.params, "client.params")
         self.limiter = RateLimiter(requests_per_minute)
         self.cache = ResponseCache(cache_path)
         self.usage = Usage()
@@ -304,7 +323,7 @@ class ChatClient:
             raise OpenAIConfigError(f"cannot reach {where}: {cause}") from None
         except openai.APIStatusError as err:
             raise OpenAIConfigError(f"{where} answered HTTP {err.status_code} to GET /models") from None
-        except (ValueError, httpx.HTTPError) as err:  # a body that is not JSON: not an OpenAI-compatible API
+        except (ValueError, httpx.HTTPError, openai.APIResponseValidationError) as err:  # not an OpenAI-style API
             raise OpenAIConfigError(f"{where} is not an OpenAI-compatible API: GET /models gave {err!r}") from None
         ids = [m.id for m in getattr(models, "data", None) or []]
         if ids and self.model not in ids:
@@ -323,6 +342,22 @@ class ChatClient:
             delay = max(delay, retry_after)
         return min(delay, self.backoff_max_s)
 
+    def _read(self, response: Any) -> tuple[str, dict[str, int]]:
+        """The answer text and token counts of a chat completion; ``MalformedResponse`` when it has no text."""
+        try:
+            text = response.choices[0].message.content
+        except (AttributeError, IndexError, TypeError, KeyError) as err:  # a body of the wrong shape
+            raise MalformedResponse(f"no choices[0].message.content ({err})") from None
+        if not isinstance(text, str):
+            raise MalformedResponse("message content is not text")
+        usage = getattr(response, "usage", None)
+        counts = {
+            "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
+            "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
+        }
+        self.usage.add(**counts)
+        return text, counts
+
     def _send(self, messages: list[dict], params: dict) -> tuple[str, dict[str, int]]:
         """One answer's text and token usage, retrying transient failures with backoff.
 
@@ -335,17 +370,7 @@ class ChatClient:
             retry_after = None
             self.usage.add(requests=1)
             try:
-                response = client.chat.completions.create(model=self.model, messages=messages, **params)
-                text = response.choices[0].message.content
-                if not isinstance(text, str):
-                    raise TypeError("no message content")
-                usage = response.usage
-                counts = {
-                    "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
-                    "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
-                }
-                self.usage.add(**counts)
-                return text, counts
+                return self._read(client.chat.completions.create(model=self.model, messages=messages, **params))
             except openai.APIStatusError as err:
                 status = err.status_code
                 if status not in (408, 409, 429) and status < 500:
@@ -354,10 +379,10 @@ class ChatClient:
                     raise ChatFailed(message, status=status, fatal=fatal) from None
                 reason, retry_after = f"HTTP {status}", _retry_after(err)
             except openai.APITimeoutError:
-                reason, status = f"timeout after {self.timeout_s:g} s", None
+                reason, status = f"timeout after {params.get('timeout', self.timeout_s):g} s", None
             except openai.APIConnectionError as err:
                 reason, status = f"connection error ({self._scrub(str(err.__cause__ or err))})", None
-            except (ValueError, TypeError, AttributeError, IndexError) as err:  # JSON cut short or wrong shape
+            except (json.JSONDecodeError, openai.APIResponseValidationError, MalformedResponse) as err:
                 reason, status = f"malformed response ({type(err).__name__}: {self._scrub(str(err))[:120]})", None
             if retry == self.max_retries or self._stopping.is_set():
                 raise ChatFailed(f"{reason}; gave up after {retry + 1} requests", status=status)
@@ -392,6 +417,7 @@ class ChatClient:
             ChatFailed: a request failed for good (see ``_send``).
             ContentRejected: every answer failed ``parse``.
         """
+        _check_params(params, "chat() keyword arguments")
         params = {**self.params, **params}
         params.setdefault("timeout", self.timeout_s)
         key = key or self.request_key(messages, {k: v for k, v in params.items() if k != "timeout"})
@@ -449,6 +475,8 @@ class ChatClient:
                     yield item, (error if error is not None else future.result())
         finally:
             self._stopping.set()
+            if running := sum(future.running() for future in pending):
+                log.info("waiting for %d request(s) in flight (their answers go to the response cache)", running)
             pool.shutdown(wait=True, cancel_futures=True)
             self._stopping.clear()
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -120,7 +121,11 @@ def _task(where: str, raw: dict, templates: TemplateSet) -> Task:
 
 
 def _finished_ids(paths: Paths) -> set[str]:
-    return {str(obj["id"]) for path in (paths.output, paths.rejected) for _, obj in read_jsonl(path) if "id" in obj}
+    """Ids already in the output or rejected file (a bad line there stops the run: it would hide a finished id)."""
+    try:
+        return {str(o["id"]) for path in (paths.output, paths.rejected) for _, o in read_jsonl(path) if "id" in o}
+    except ValueError as err:
+        raise RationaleError(f"{err} (fix or remove that line; nothing was sent)") from None
 
 
 @dataclass
@@ -263,7 +268,10 @@ def run(cfg: DictConfig) -> dict:
     if cfg.dry_run:
         return _dry_run(cfg, templates, finished, stats)
 
-    client: ChatClient = instantiate(cfg.client, cache_path=str(paths.responses))
+    try:
+        client: ChatClient = instantiate(cfg.client, cache_path=str(paths.responses))
+    except InstantiationException as err:  # a bad client.* value: its message names the key
+        raise RationaleError(str(err)) from None
     counts = {"done": 0, "rejected": 0, "failed": 0}
     try:
         if stats.pending:
@@ -278,7 +286,7 @@ def run(cfg: DictConfig) -> dict:
                 _record(task, result, out, rejected, counts)
                 bar.update(1)
                 usage = client.usage
-                bar.set_postfix(**counts, tokens=usage.total_tokens, cached=usage.cached, refresh=False)
+                bar.set_postfix({**counts, "tokens": usage.total_tokens, "cached": usage.cached}, refresh=False)
     finally:
         client.close()
     summary = {**counts, "finished_before": stats.finished, "skipped": stats.skipped, **client.usage.as_dict()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -38,12 +38,18 @@ def repair_tail(path: str | os.PathLike) -> int:
         return size
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | os.PathLike, on_bad: Callable[[str], None] | None = None) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for every complete JSON line of ``path``; a missing file yields nothing.
 
+    A partial last line, left by a killed writer, is skipped (``repair_tail`` cuts it before appending).
+
+    Args:
+        path: the file.
+        on_bad: called with "file:line: why" for a complete line that is not a JSON object, which is then skipped;
+            None raises instead.
+
     Raises:
-        ValueError: naming file and line when a complete line is not a JSON object (a partial last line, left by a
-            killed writer, is skipped: call ``repair_tail`` before appending).
+        ValueError: naming file and line of a bad line (``on_bad`` None).
     """
     path = Path(path)
     if not path.exists():
@@ -56,11 +62,15 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 continue
             try:
                 obj = json.loads(line)
+                problem = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
+                problem = f"not valid JSON ({err.msg})"
+            if problem is None:
+                yield number, obj
+            elif on_bad is None:
+                raise ValueError(f"{path}:{number}: {problem}")
+            else:
+                on_bad(f"{path}:{number}: {problem}")
 
 
 class JsonlAppender:
