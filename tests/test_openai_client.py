@@ -104,13 +104,16 @@ def test_parse_rejections_ask_again_then_give_up_and_resume_from_cache(openai_se
     cache = tmp_path / "responses.jsonl"
     client = _client(openai_server, key_env, cache_path=cache)
     with pytest.raises(ContentRejected) as err:
-        client.chat(MESSAGES, parse=parse, attempts=2)
+        client.chat(MESSAGES, parse=parse, attempts=2, temperature=0.0, retry_params={"temperature": 0.9})
     assert err.value.reasons == ["answer 1: no number in 'no number here'", "answer 2: no number in 'still none'"]
     assert len(openai_server.chat_requests()) == 2
     client.close()
 
+    temperatures = [r.body["temperature"] for r in openai_server.chat_requests()]
+    assert temperatures == [0.0, 0.9]  # retry_params apply from the second answer on
     resumed = _client(openai_server, key_env, cache_path=cache)
-    result = resumed.chat(MESSAGES, parse=parse, attempts=3)  # answers 1-2 from the cache, answer 3 is new
+    result = resumed.chat(MESSAGES, parse=parse, attempts=3, temperature=0.0, retry_params={"temperature": 0.9})
+    # answers 1-2 came from the cache, answer 3 is new
     assert result.value == 41 and result.attempts == 3 and not result.cached
     assert len(openai_server.chat_requests()) == 3 and resumed.usage.cached == 2
 

@@ -15,6 +15,17 @@ on top of the ``openai`` package:
 
 The API key is read from the environment variable named by ``api_key_env`` and never stored in config, logs,
 errors or the cache. This module imports neither torch nor lightning, so a CLI built on it starts fast.
+
+    client = ChatClient("gpt-4", base_url="https://api.openai.com/v1", max_concurrency=4, requests_per_minute=200,
+                        cache_path="reviews.responses.jsonl", params={"temperature": 0.2, "max_tokens": 512})
+    client.preflight()                                   # OpenAIConfigError before any work
+    def work(question):
+        try:
+            return client.chat(messages_for(question), parse=scores_or_raise, attempts=3)
+        except (ContentRejected, ChatFailed) as err:     # flagged: err.reasons / str(err)
+            return err
+    for question, result in client.map_unordered(work, questions):
+        ...                                              # main thread: write results here
 """
 
 from __future__ import annotations
@@ -400,6 +411,7 @@ class ChatClient:
         parse: Callable[[str], Any] | None = None,
         attempts: int = 1,
         key: str | None = None,
+        retry_params: dict | None = None,
         **params: Any,
     ) -> ChatResult:
         """Ask until ``parse`` accepts an answer, at most ``attempts`` answers; answers are cached by request key.
@@ -411,15 +423,18 @@ class ChatClient:
                 temperature above 0 so it can differ).
             key: the request key (default: ``request_key(messages, params)``); answer ``i`` is cached as
                 ``f"{key}#{i}"``, so a resumed job reuses answers already paid for and pays only for new tries.
+            retry_params: parameters for answers after the first (e.g. ``{"temperature": 0.7}`` when the first
+                asks at temperature 0, where asking again the same way would return the same answer).
             **params: request parameters on top of the client's ``params``.
 
         Raises:
             ChatFailed: a request failed for good (see ``_send``).
             ContentRejected: every answer failed ``parse``.
         """
-        _check_params(params, "chat() keyword arguments")
+        _check_params({**params, **(retry_params or {})}, "chat() keyword arguments")
         params = {**self.params, **params}
         params.setdefault("timeout", self.timeout_s)
+        retry_params = {**params, **(retry_params or {})}
         key = key or self.request_key(messages, {k: v for k, v in params.items() if k != "timeout"})
         reasons: list[str] = []
         text = ""
@@ -432,7 +447,7 @@ class ChatClient:
             else:
                 if attempt and self._stopping.is_set():  # winding down: no new paid attempts
                     raise ChatFailed(f"stopped before answer {attempt + 1}")
-                text, usage = self._send(messages, params)
+                text, usage = self._send(messages, retry_params if attempt else params)
                 self.cache.put(answer_key, text, usage)
             try:
                 value = parse(text) if parse is not None else text
