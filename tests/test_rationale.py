@@ -111,6 +111,11 @@ def test_rationales_written_checked_and_readable_as_stage2_source(openai_server,
     tasks = write_tasks(tmp_path / "tasks.jsonl", TASKS)
     summary = run(compose_rationale(overrides(openai_server, tmp_path, tasks, "answer_attempts=3")))
     assert (summary["done"], summary["rejected"], summary["failed"]) == (6, 2, 0)
+    assert summary["requests"] == 9 and summary["retries"] == 0
+    # token usage as the server reported it (the test server counts words)
+    served = [r.user_text + "\n" for r in openai_server.chat_requests()]
+    assert summary["prompt_tokens"] > sum(len(u.split()) for u in served) > 0
+    assert summary["total_tokens"] == summary["prompt_tokens"] + summary["completion_tokens"]
 
     out = tmp_path / "out" / "rationales.jsonl"
     records = {r["id"]: r for r in read_jsonl(out)}
