@@ -287,6 +287,9 @@ def run(cfg: DictConfig) -> dict:
                 bar.update(1)
                 usage = client.usage
                 bar.set_postfix({**counts, "tokens": usage.total_tokens, "cached": usage.cached}, refresh=False)
+    except KeyboardInterrupt:
+        log.warning("interrupted after %s; rerun the same command to continue where it stopped", counts)
+        raise
     finally:
         client.close()
     summary = {**counts, "finished_before": stats.finished, "skipped": stats.skipped, **client.usage.as_dict()}
