@@ -49,14 +49,14 @@ def test_answer_usage_and_cache_across_clients(openai_server, key_env, tmp_path)
 
 @pytest.mark.parametrize(
     "fault",
-    [Reply.rate_limited(0.01), Reply.server_error(500), Reply.server_error(503), Reply.malformed(), Reply.slow(1.0)],
+    [Reply.rate_limited(0.01), Reply.server_error(500), Reply.server_error(503), Reply.malformed(), Reply.slow(3.0)],
     ids=["429", "500", "503", "malformed-json", "timeout"],
 )
 def test_transient_failures_are_retried(openai_server, key_env, fault):
     """Two failures then an answer: the call succeeds (bug: one kind of failure not retried -> the record is lost)."""
     openai_server.respond = lambda messages, body: "42"
     openai_server.inject(fault, fault)
-    client = _client(openai_server, key_env, timeout_s=0.3)
+    client = _client(openai_server, key_env, timeout_s=1.0)  # generous: a loaded CI machine must not time out
     assert client.chat(MESSAGES).text == "42"
     assert len(openai_server.chat_requests()) == 3 and client.usage.retries == 2
 
@@ -127,7 +127,7 @@ def test_concurrency_is_bounded(openai_server, key_env):
         with lock:
             active += 1
             peak = max(peak, active)
-        time.sleep(0.1)
+        time.sleep(0.2)
         with lock:
             active -= 1
         return messages[-1]["content"].upper()
@@ -137,7 +137,7 @@ def test_concurrency_is_bounded(openai_server, key_env):
     items = [f"item {i}" for i in range(9)]
     results = dict(client.map_unordered(lambda s: client.chat([{"role": "user", "content": s}]).text, items))
     assert results == {s: s.upper() for s in items}
-    assert peak == 3
+    assert 2 <= peak <= 3  # concurrent, and never above the bound (== 3 unless the machine is very loaded)
 
 
 def test_rate_limit_spaces_requests(openai_server, key_env):

@@ -86,7 +86,7 @@ def overrides(server: OpenAIServer, tmp_path: Path, tasks: Path, *extra: str) ->
         "client.model=test-model",
         f"client.api_key_env={KEY_ENV}",
         "client.backoff_s=0.01",
-        "client.timeout_s=0.5",
+        "client.timeout_s=1.5",  # generous: only Reply.slow() may time out, even on a loaded machine
         "client.max_concurrency=3",
         "progress=false",
         *extra,
@@ -164,7 +164,7 @@ def test_429_500_timeouts_and_malformed_json_are_survived(openai_server, key, tm
         Reply.rate_limited(0.05),
         Reply.server_error(500),
         Reply.malformed(),
-        Reply.slow(2.0),
+        Reply.slow(4.0),
         Reply.server_error(503),
     ]
     openai_server.inject(*faults)

@@ -24,7 +24,7 @@ CHECKS = ("math", "choice", "span", "none")
 
 # The final-answer phrase a template asks for; the LAST match in a text is its final answer.
 ANSWER_PHRASE = re.compile(
-    r"(?:答案(?:应该|应)?(?:(?:为|是)[：:]?|[：:])|(?<![解])答[：:]|(?:the\s+)?(?:final\s+)?answer\s*(?:is|=|:)\s*:?)"
+    r"(?:答案(?:应该|应)?(?:(?:为|是)[：:]?|[：:])|(?<![解回])答[：:]|(?:the\s+)?(?:final\s+)?answer\s*(?:is|=|:)\s*:?)"
     r"[ \t]*(?P<answer>[^\n]*)",
     re.IGNORECASE,
 )
