@@ -208,3 +208,27 @@ def test_unknown_request_parameter_is_named_at_construction(openai_server, key_e
         openai_server.chat_requests()[0].body["top_k"] == 20
         and openai_server.chat_requests()[0].body["temperature"] == 0.7
     )
+
+
+def test_cache_survives_a_corrupt_line_and_a_partial_tail(openai_server, key_env, tmp_path, caplog):
+    """A killed writer's partial last line and a corrupt line: other answers are still served, new ones appended on
+    a fresh line (bugs: the cache unreadable after a kill; a new line glued to the partial one; offsets off by the
+    cut bytes)."""
+    openai_server.respond = lambda messages, body: "好的：" + messages[-1]["content"]  # multi-byte characters
+    cache = tmp_path / "responses.jsonl"
+    first = _client(openai_server, key_env, cache_path=cache)
+    first.chat(MESSAGES)
+    first.close()
+    with open(cache, "a", encoding="utf-8") as f:
+        f.write("not json\n")
+        f.write('{"key": "abc#0", "text": "cut sh')
+    other = [{"role": "user", "content": "答案是什么？"}]
+    second = _client(openai_server, key_env, cache_path=cache)
+    assert second.chat(MESSAGES).cached and "skipped" in caplog.text
+    assert not second.chat(other).cached
+    assert second.chat(other).cached  # read back through its offset in the same process
+    second.close()
+    third = _client(openai_server, key_env, cache_path=cache)
+    assert third.chat(other).text == "好的：答案是什么？" and third.chat(MESSAGES).cached
+    assert len(openai_server.chat_requests()) == 2
+    assert "cut sh" not in cache.read_text(encoding="utf-8")

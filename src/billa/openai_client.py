@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import httpx
 import openai
 
-from billa.utils.jsonl import JsonlAppender, read_jsonl
+from billa.utils.jsonl import JsonlAppender
 
 log = logging.getLogger(__name__)
 
@@ -163,43 +163,68 @@ class RateLimiter:
 
 
 class ResponseCache:
-    """Answers already paid for: an append-only JSON Lines file ``{"key", "text", "usage"}``, loaded at start.
+    """Answers already paid for: an append-only JSON Lines file ``{"key", "text", "usage"}``.
 
     A line is written as soon as the answer arrives, before the caller looks at it, so a job killed at any point
-    re-reads every answer it received instead of asking again.
+    re-reads every answer it received instead of asking again. Only the byte offset of each line is kept in memory
+    (a few dozen bytes per answer), the text is read back on a hit; without a path the cache lives in memory.
     """
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
-        self._entries: dict[str, dict] = {}
+        self._offsets: dict[str, int] = {}  # key -> byte offset of its line (file-backed)
+        self._memory: dict[str, dict] = {}  # key -> entry (no path)
         self._writer: JsonlAppender | None = None
+        self._reader = None
         self._lock = threading.Lock()
-        if self.path is not None:
-            for _, entry in read_jsonl(self.path, on_bad=lambda why: log.warning("response cache: skipped %s", why)):
-                if "key" in entry and isinstance(entry.get("text"), str):
-                    self._entries[entry["key"]] = entry
+        if self.path is not None and self.path.exists():
+            self._index()
+
+    def _index(self) -> None:
+        offset = 0
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if raw.endswith(b"\n") and raw.strip():  # a partial last line (killed writer) is cut on first put
+                    try:
+                        entry = json.loads(raw)
+                        if not isinstance(entry.get("text"), str):
+                            raise ValueError("no text")
+                        self._offsets[str(entry["key"])] = offset
+                    except (ValueError, KeyError, TypeError, AttributeError) as err:
+                        log.warning("response cache: skipped %s:%d (%s)", self.path, number, err)
+                offset += len(raw)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._offsets) + len(self._memory)
 
     def get(self, key: str) -> dict | None:
         with self._lock:
-            return self._entries.get(key)
+            if self.path is None:
+                return self._memory.get(key)
+            offset = self._offsets.get(key)
+            if offset is None:
+                return None
+            if self._reader is None:
+                self._reader = open(self.path, "rb")  # closed in close()
+            self._reader.seek(offset)
+            return json.loads(self._reader.readline())
 
     def put(self, key: str, text: str, usage: dict[str, int]) -> None:
         entry = {"key": key, "text": text, "usage": usage}
         with self._lock:
-            self._entries[key] = entry
-            if self.path is not None:
-                if self._writer is None:
-                    self._writer = JsonlAppender(self.path)
-                self._writer.write(entry)
+            if self.path is None:
+                self._memory[key] = entry
+                return
+            if self._writer is None:
+                self._writer = JsonlAppender(self.path)  # cuts a partial last line first: offsets stay valid
+            self._offsets[key] = self._writer.write(entry)
 
     def close(self) -> None:
         with self._lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+            for handle in (self._writer, self._reader):
+                if handle is not None:
+                    handle.close()
+            self._writer = self._reader = None
 
 
 def _check_params(params: dict, what: str) -> None:

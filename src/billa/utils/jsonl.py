@@ -84,14 +84,17 @@ class JsonlAppender:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair_tail(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        self._file = open(self.path, "ab")  # closed in close(); binary, so tell() is a byte offset
         self._lock = threading.Lock()
 
-    def write(self, obj: dict) -> None:
-        line = json.dumps(obj, ensure_ascii=False) + "\n"
+    def write(self, obj: dict) -> int:
+        """Append ``obj`` as one line; returns the byte offset where the line starts."""
+        line = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
+            offset = self._file.tell()
             self._file.write(line)
             self._file.flush()
+        return offset
 
     def close(self) -> None:
         with self._lock:
