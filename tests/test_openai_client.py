@@ -232,3 +232,10 @@ def test_cache_survives_a_corrupt_line_and_a_partial_tail(openai_server, key_env
     assert third.chat(other).text == "好的：答案是什么？" and third.chat(MESSAGES).cached
     assert len(openai_server.chat_requests()) == 2
     assert "cut sh" not in cache.read_text(encoding="utf-8")
+
+
+def test_a_key_pasted_as_the_variable_name_is_refused_without_echo(openai_server):
+    """client.api_key_env=sk-... (the key instead of its variable's name): refused, and the error hides it."""
+    with pytest.raises(ValueError, match="must be the NAME of an environment variable") as err:
+        ChatClient("test-model", base_url=openai_server.url, api_key_env=KEY)
+    assert KEY not in str(err.value)

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 NO_KEY = "EMPTY"  # what vLLM-style servers without authentication accept
 
 
@@ -287,6 +289,11 @@ class ChatClient:
     ):
         if max_concurrency < 1:
             raise ValueError(f"client.max_concurrency={max_concurrency}: expected an integer >= 1")
+        if api_key_env is not None and not ENV_NAME.fullmatch(str(api_key_env)):  # a key pasted here: never echo it
+            raise ValueError(
+                "client.api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key; "
+                "put the key in that variable"
+            )
         if max_retries < 0:
             raise ValueError(f"client.max_retries={max_retries}: expected an integer >= 0")
         self.model = model
