@@ -20,7 +20,7 @@ GROUPS = {
 
 def test_groups_have_the_documented_choices():
     assert GROUPS["stage"] == ["merged_2_3", "pretrain", "sft", "task_mix"]
-    assert GROUPS["pipeline"] == ["billa", "merge_2_3", "skip_2", "three_stage"]
+    assert GROUPS["pipeline"] == ["billa", "merge_2_3", "none", "skip_2", "three_stage"]
     assert GROUPS["model"] == ["llama-7b", "tiny"]
     assert GROUPS["data"] == ["billa", "sample"]
     assert {"cpu", "1xa100", "8xa100"} <= set(GROUPS["hardware"])

@@ -88,10 +88,16 @@ def test_finished_stages_are_reused_and_a_config_change_retrains_downstream(firs
     )
     assert [s["reused"] for s in changed["steps"][1:]] == [True, True, False]
     assert changed["steps"][3]["dir"] != result["steps"][3]["dir"]
+
+
+@pytest.mark.slow
+def test_an_upstream_change_retrains_every_later_stage(first, store, tmp_path, cache_dir):
+    """Catches a stage reused although the stage it starts from was retrained (its key must chain the parent's)."""
     upstream = _pipeline(store, tmp_path / "upstream", cache_dir, step_overrides={1: ["optimizer.lr=1e-4"]})
     assert [s["reused"] for s in upstream["steps"][1:]] == [True, False, False]  # a new stage 2 -> a new stage 3
 
 
+@pytest.mark.slow
 def test_half_finished_stage_resumes_and_is_not_marked_done(store, tmp_path, cache_dir, sample_tokenizer_dir):
     """Catches a stopped stage marked finished (later stages would start from half-trained weights) and a rerun that
     restarts it from scratch instead of its last checkpoint."""
@@ -112,6 +118,7 @@ def test_half_finished_stage_resumes_and_is_not_marked_done(store, tmp_path, cac
     assert logged and min(logged) >= 2  # nothing of steps 1-2 was trained again
 
 
+@pytest.mark.slow
 def test_ablation_sweep_writes_its_comparison(store, tmp_path, cache_dir, sample_tokenizer_dir):
     """The multirun a user runs for the stage-merging ablation: three variants, one table, stage 1 trained once."""
     env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir)}
@@ -144,6 +151,8 @@ def test_ablation_sweep_writes_its_comparison(store, tmp_path, cache_dir, sample
     table = (tmp_path / "sweep" / "comparison.md").read_text()
     assert "| three_stage | pretrain -> task_mix -> sft |" in table and "| skip_2 |" in table
     assert (tmp_path / "sweep" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    groups = {json.loads((tmp_path / "sweep" / p / "pipeline.json").read_text())["group"] for p in ("0", "1", "2")}
+    assert groups == {"sweep-sweep"}  # every variant's stages in one W&B group (named after the sweep directory)
     stage_dirs = sorted(p.name.split("-")[0] for p in (tmp_path / "stages").iterdir() if p.is_dir())
     assert stage_dirs.count("stage1") == 1 and stage_dirs.count("stage3") == 2  # after stage 2, and after stage 1
 

@@ -208,6 +208,16 @@ def _summarise_vocab(report: dict | None) -> str:
     return ", ".join(parts)
 
 
+def default_group(name: str, output_dir: str) -> str:
+    """The W&B group of a pipeline's stages: one per sweep (every variant together), else one per run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
+    return f"{name}-{Path(output_dir).name}"
+
+
 def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Run the configured pipeline (``cfg.pipeline``): vocabulary, then each stage from the previous one's export.
 
@@ -224,7 +234,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     base_overrides = user_overrides(cfg) if overrides is None else list(overrides)
     store = Path(pipeline.store_dir).absolute()
     store.mkdir(parents=True, exist_ok=True)
-    group = pipeline.get("group") or f"{pipeline.name}-{Path(cfg.output_dir).name}"
+    group = pipeline.get("group") or default_group(pipeline.name, cfg.output_dir)
     log.info("Pipeline %s: %s; stage store %s", pipeline.name, " -> ".join(s.name for s in pipeline.steps), store)
 
     vocab, vocab_overrides = run_vocab(cfg, pipeline, store)

@@ -288,7 +288,7 @@ def main(cfg: DictConfig) -> dict:
 
 
 def _dispatch(cfg: DictConfig) -> dict:
-    if cfg.get("pipeline"):
+    if cfg.get("pipeline") and cfg.pipeline.get("steps"):
         from billa.pipeline import run_pipeline
 
         return run_pipeline(cfg)
