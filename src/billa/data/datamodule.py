@@ -22,6 +22,17 @@ log = get_logger(__name__)
 DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[3] / "conf" / "prompts"
 
 
+def _slice_bound(part: str, names: list[str]) -> int | None:
+    """A slice bound: empty (open), an index into the sorted files, or a file name (the index of the first file whose
+    name sorts at or after it: ``10017.jsonl`` starts where BiLLa's ``file_start: 10017`` does)."""
+    part = part.strip()
+    if not part:
+        return None
+    if "." in part:
+        return sum(name < part for name in names)
+    return int(part)
+
+
 class BillaDataModule(L.LightningDataModule):
     """Reads every source the stage's mix names, applies the objective of its record kind, mixes by round robin.
 
@@ -152,11 +163,13 @@ class BillaDataModule(L.LightningDataModule):
         if split != "train" or self.data_slice is None or self.data_slice not in slices:
             return files
         spec = str(slices[self.data_slice])
+        names = [Path(f).name for f in files]
         try:
-            start, stop = (int(part) if part.strip() else None for part in spec.split(":"))
+            start, stop = (_slice_bound(part, names) for part in spec.split(":"))
         except ValueError:
             raise ConfigError(
-                f"data.sources.{name}.slices.{self.data_slice}={spec!r}: expected 'start:stop' file indices"
+                f"data.sources.{name}.slices.{self.data_slice}={spec!r}: expected 'start:stop' with file indices "
+                "(0:8) or file names (10017.jsonl: = from that file on, as BiLLa's file_start)"
             ) from None
         chosen = files[start:stop]
         if not chosen:
