@@ -207,3 +207,30 @@ def test_train_py_prints_billa_error_and_exits_2(tmp_path):
         args, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**env, "HYDRA_FULL_ERROR": "1"}
     )
     assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigError" in full.stderr
+
+
+# ---- exact mix per rank -------------------------------------------------------------------------------------------
+def test_exact_mix_per_rank_checks_the_micro_batch(compose):
+    """Bug caught: data.exact_mix_per_rank=true accepted with a micro batch that splits the cycle, so ranks see
+    different mixes while the user believes each holds BiLLa's exact 10 + 10."""
+    from collections import Counter
+
+    from torch.utils.data import DataLoader
+
+    from billa.config import validate
+    from billa.data.mixing import MixedDataset, StreamSampler
+    from billa.data.objectives import Example
+
+    base = ["stage=task_mix", "data.exact_mix_per_rank=true", "hardware.devices=2", "trainer.max_steps=30"]
+    with pytest.raises(ConfigError, match=r"hardware.micro_batch_size`=8 to be a multiple of the mix cycle 20"):
+        validate(compose([*base, "hardware.micro_batch_size=8", "batch.global_size=32"]))
+    cfg = compose([*base, "hardware.micro_batch_size=20", "batch.global_size=80"])
+    plan = validate(cfg)
+    assert (plan.micro_size, plan.accumulation) == (20, 2)
+    mix = dict(cfg.data.mix)
+    sources = {name: [Example([k, i], [k, i]) for i in range(3 + k)] for k, name in enumerate(mix)}
+    data = MixedDataset(sources, mix, num_samples=80 * 3, seed=0)
+    for rank in range(2):
+        sampler = StreamSampler(len(data), rank, 2, block=plan.micro_size)
+        for batch in DataLoader(data, batch_size=20, sampler=sampler, collate_fn=lambda items: items):
+            assert Counter(item["source"] for item in batch) == Counter(mix)

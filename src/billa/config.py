@@ -126,9 +126,29 @@ def validate(cfg: DictConfig) -> BatchPlan:
                 f"`data.mix` names source {name!r} (stage={cfg.stage_name}) but `data.sources` has no such entry; "
                 f"sources defined by this data config: {sorted(sources)}"
             )
+    _check_exact_mix_per_rank(cfg, plan, mode)
     warmup = cfg.scheduler.get("warmup_steps", 0)
     if warmup >= cfg.trainer.max_steps:
         raise ConfigError(
             f"`scheduler.warmup_steps`={warmup} must be smaller than `trainer.max_steps`={cfg.trainer.max_steps}"
         )
     return plan
+
+
+def _check_exact_mix_per_rank(cfg: DictConfig, plan: BatchPlan, mode: str) -> None:
+    """``data.exact_mix_per_rank``: every micro batch on every rank holds the exact mix (BiLLa: 20 per GPU = one
+    20-sample stage-2 cycle, no accumulation). The stream is cut into contiguous micro batches, so this holds exactly
+    when the micro batch is a multiple of the round-robin cycle (the sum of the ``data.mix`` weights)."""
+    if not cfg.data.get("exact_mix_per_rank"):
+        return
+    if mode != "round_robin":
+        raise ConfigError(f"`data.exact_mix_per_rank`=true needs `data.mix_mode`=round_robin, got {mode!r}")
+    cycle = sum(int(w) for w in cfg.data.mix.values())
+    if plan.micro_size % cycle:
+        raise ConfigError(
+            f"`data.exact_mix_per_rank`=true needs `hardware.micro_batch_size`={plan.micro_size} to be a multiple of "
+            f"the mix cycle {cycle} (sum of the `data.mix` weights, stage={cfg.stage_name}): set "
+            f"hardware.micro_batch_size to {cycle} or {2 * cycle} (and batch.global_size to a multiple of it x "
+            f"devices), or data.exact_mix_per_rank=false (then each global batch that is a multiple of {cycle} holds "
+            "the exact mix, and a micro batch holds a contiguous part of it)"
+        )
