@@ -49,7 +49,7 @@ def test_every_stage_and_hardware_composes_with_real_data(compose, stage, hardwa
 
 
 def test_stage_values_are_billas(compose):
-    expected = {  # DESIGN.md §3: lr, steps, global batch (per-GPU batch x GPUs)
+    expected = {  # docs/recipe.md: lr, steps, global batch (per-GPU batch x GPUs)
         "pretrain": (3e-5, 100_000, 160, {"zh": 4, "en": 4, "translate": 2}),
         "task_mix": (2e-5, 20_000, 160, None),
         "sft": (2e-5, 20_000, 48, None),

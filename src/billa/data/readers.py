@@ -1,4 +1,4 @@
-"""Readers: files in the formats users already have (DESIGN.md §4) -> normalised records.
+"""Readers: files in the formats users already have (docs/recipe.md, "Data") -> normalised records.
 
 Each reader yields ``Record``s: a small dict in one of the record kinds the objectives understand, plus where it
 came from (file, line) so that every later error can point at the input.

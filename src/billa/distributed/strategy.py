@@ -5,8 +5,9 @@
 written: a crash mid-save never leaves a directory that looks complete, and ``resume=auto`` ignores it.
 
 ``CPUDeepSpeedStrategy`` runs the same engine on CPU processes over gloo. Lightning refuses a CPU accelerator for
-DeepSpeed; three overrides lift that (DESIGN.md §8): the environment comes from DDP, the CUDA device-index check is
-skipped, and the root device is ``cpu:0``. Parameters are really partitioned (``p.numel() == 0``, ``p.ds_numel``).
+DeepSpeed; three overrides lift that (docs/recipe.md, "Traps"): the environment comes from DDP, the CUDA
+device-index check is skipped, and the root device is ``cpu:0``. Parameters are really partitioned
+(``p.numel() == 0``, ``p.ds_numel``).
 """
 
 from __future__ import annotations

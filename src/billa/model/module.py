@@ -71,7 +71,8 @@ class BillaLM(L.LightningModule):
     def _zero3_pretrained_loading(self, path: str | None):
         """Under ZeRO-3, let transformers load pretrained weights straight into the partitioned parameters.
 
-        A plain ``from_pretrained`` inside the partitioning context sees every parameter as size 0 (DESIGN.md §8);
+        A plain ``from_pretrained`` inside the partitioning context sees every parameter as size 0
+        (docs/recipe.md, "Traps");
         transformers' DeepSpeed integration partitions and loads shard by shard while an ``HfDeepSpeedConfig``
         is alive, so a 7B model never materialises whole on one rank.
         """

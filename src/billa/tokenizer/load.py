@@ -70,7 +70,8 @@ def save_tokenizer_dir(sp_model: bytes | str | os.PathLike, out_dir: str | os.Pa
     """Write a LLaMA-style HF tokenizer directory from a SentencePiece model (bytes or path).
 
     transformers 5 builds the fast tokenizer from ``tokenizer.model`` but ``save_pretrained`` does not write the
-    SentencePiece file back (DESIGN.md §8), so it is copied in explicitly. BOS is added by default, as LLaMA's does.
+    SentencePiece file back (docs/recipe.md, "Traps"), so it is copied in explicitly. BOS is added by default, as
+    LLaMA's does.
     ``tokenizer.json`` is adjusted so that the fast tokenizer's ids equal SentencePiece's (``_match_sentencepiece``).
     """
     out = Path(out_dir)
