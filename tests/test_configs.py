@@ -22,7 +22,7 @@ def test_groups_have_the_documented_choices():
     assert GROUPS["stage"] == ["merged_2_3", "pretrain", "sft", "task_mix"]
     assert GROUPS["pipeline"] == ["billa", "merge_2_3", "none", "skip_2", "three_stage"]
     assert GROUPS["model"] == ["llama-7b", "tiny"]
-    assert GROUPS["data"] == ["billa", "sample"]
+    assert GROUPS["data"] == ["billa", "billa_repo", "sample"]
     assert {"cpu", "1xa100", "8xa100"} <= set(GROUPS["hardware"])
     assert GROUPS["logger"] == ["csv", "none", "wandb"]
 
