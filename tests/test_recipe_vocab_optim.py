@@ -163,7 +163,20 @@ def test_residual_dropout_is_active_in_training_only():
     ids = torch.arange(1, 17).view(1, 16)
     model.eval()
     reference = model(ids).logits
+    seen: dict[str, list] = {"attn": [], "mlp": []}
+
+    def capture(kind):
+        def hook(module, args, output):
+            seen[kind].append(output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    layer = model.model.layers[1]
+    layer.self_attn.register_forward_hook(capture("attn"))  # before the dropout hooks: the raw outputs
+    layer.mlp.register_forward_hook(capture("mlp"))
     assert add_residual_dropout(model, 0.05) == 4  # attention + MLP of 2 layers
+    layer.self_attn.register_forward_hook(capture("attn"))  # after: what joins the residual stream
+    layer.mlp.register_forward_hook(capture("mlp"))
     assert torch.equal(model(ids).logits, reference)  # eval: no dropout
     model.train()
     torch.manual_seed(1)
@@ -171,6 +184,11 @@ def test_residual_dropout_is_active_in_training_only():
     torch.manual_seed(2)
     second = model(ids).logits
     assert not torch.equal(first, reference) and not torch.equal(first, second)
+    for kind in ("attn", "mlp"):  # both residual branches: ~5% zeroed, the rest scaled by 1/(1-p)
+        raw, dropped = seen[kind][-2], seen[kind][-1]
+        zeroed = (dropped == 0) & (raw != 0)
+        assert 0.01 < zeroed.float().mean().item() < 0.12, kind
+        torch.testing.assert_close(dropped[~zeroed], raw[~zeroed] / 0.95)
     with pytest.raises(ConfigError, match="model.residual_dropout=1.5"):
         add_residual_dropout(model, 1.5)
 
