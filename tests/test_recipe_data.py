@@ -80,6 +80,13 @@ def test_cut_point_is_redrawn_per_visit(tmp_path, sample_tokenizer_dir):
     length = len(source.example(0)["input_ids"])
     assert len(cuts) > 3 and min(cuts) >= int(0.2 * length) + 1 and max(cuts) <= int(0.7 * length)
     assert source.example(0, 5) == source.example(0, 5)
+    # the seed drives only the draws: another seed reuses the cached shard and draws other cuts
+    settings = ObjectiveSettings("zh", "pile", "conditional_generation", 128, 8, False)
+    reseeded, stats = tokenize_source(
+        [str(tmp_path / "data" / "zh.jsonl")], settings, sample_tokenizer_dir, {}, tmp_path / "cache"
+    )
+    assert stats["reused_shards"] == 1
+    assert [reseeded.example(0, v) for v in range(10)] != [source.example(0, v) for v in range(10)]
 
 
 def test_stage2_translation_source_is_right_stripped(sample_tokenizer_dir, sp):

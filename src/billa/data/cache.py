@@ -3,7 +3,7 @@
 Every input file is one unit of work, processed by a pool of ``num_proc`` workers in chunks (one batched encode per
 chunk) and streamed into an Arrow file under ``<cache>/<source>/<key>/<file hash>/``, renamed into place only when
 complete. The key covers what determines the tokens: the file's content (a BLAKE2 hash of its bytes), the tokenizer
-files, the objective and its settings (max length, prompts, prompt-type map, source name). Each row holds every
+files, the objective and its settings (max length, prompts, prompt-type map, source name; not the seed). Each row holds every
 variant the record can become (``objectives.Variants``: all translation direction x prompt and task placement x
 prompt combinations with their probabilities, or the full ids of a text for a cut drawn later), so the random
 choices are drawn per visit at ``__getitem__`` time while tokenisation still happens once (the cost: a record with
@@ -241,7 +241,8 @@ def tokenize_source(
         prompts = load_prompts(prompts)
     files = list(pattern) if isinstance(pattern, list) else expand_paths(pattern, what)
     settings_key = fingerprint(
-        json.dumps(asdict(settings), sort_keys=True),
+        # the seed only drives the per-visit draws, made after the cache: a seed sweep reuses the shards
+        json.dumps({k: v for k, v in asdict(settings).items() if k != "seed"}, sort_keys=True),
         tokenizer_fingerprint(tokenizer_dir),
         prompts_fingerprint(prompts),
         _FORMAT_VERSION,
