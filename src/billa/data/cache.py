@@ -3,13 +3,14 @@
 Every input file is one unit of work, processed by a pool of ``num_proc`` workers in chunks (one batched encode per
 chunk) and streamed into an Arrow file under ``<cache>/<source>/<key>/<file hash>/``, renamed into place only when
 complete. The key covers what determines the tokens: the file's content (a BLAKE2 hash of its bytes), the tokenizer
-files, the objective and its settings (max length, prompts, prompt-type map, source name; not the seed). Each row holds every
-variant the record can become (``objectives.Variants``: all translation direction x prompt and task placement x
-prompt combinations with their probabilities, or the full ids of a text for a cut drawn later), so the random
-choices are drawn per visit at ``__getitem__`` time while tokenisation still happens once (the cost: a record with
-k prompt lines is stored k times; docs/recipe.md, "Per-visit draws"). Rerunning reuses every finished shard; a killed
-pass redoes only the files whose shards were not finished. ``datasets`` memory-maps the shards, so a 7B run's corpus
-costs page cache, not RAM.
+files, the objective and its settings (max length, prompts, prompt-type map, source name; not the seed).
+
+Each row holds every variant the record can become (``objectives.Variants``: all translation direction x prompt
+and task placement x prompt combinations with their probabilities, or the full ids of a text for a cut drawn
+later), so the random choices are drawn per visit at ``__getitem__`` time while tokenisation still happens once
+(the cost: a record with k prompt lines is stored k times; docs/recipe.md, "Per-visit draws"). Rerunning reuses
+every finished shard; a killed pass redoes only the files whose shards were not finished. ``datasets`` memory-maps
+the shards, so a 7B run's corpus costs page cache, not RAM.
 """
 
 from __future__ import annotations
