@@ -15,7 +15,11 @@ def _train(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_config_groups():
     result = _train("--help")
     assert result.returncode == 0, result.stderr
-    for line in ("stage: pretrain, sft, task_mix", "model: llama-7b, tiny", "data: billa, sample"):
+    for line in (
+        "stage: merged_2_3, pretrain, sft, task_mix",
+        "model: llama-7b, tiny",
+        "data: billa, billa_repo, sample",
+    ):
         assert line in result.stdout
 
 
