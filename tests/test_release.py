@@ -317,3 +317,17 @@ def test_cli_refusal_names_the_cause(released_dir, tmp_path):
     )
     assert result.returncode != 0
     assert "wrong LLaMA weights" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_meta_model_parallel_shards_are_joined(llama_meta, llama_embedding, tmp_path):
+    """Bug caught: only consolidated.00.pth read for a model-parallel Meta checkpoint (13B+: the embedding
+    dimension is split across consolidated.NN.pth), giving a hidden-size mismatch or half an embedding."""
+    meta = tmp_path / "llama-mp2"
+    meta.mkdir()
+    for rank, part in enumerate(llama_embedding.chunk(2, dim=1)):  # (48, 8) each
+        torch.save({META_EMBED: part.clone()}, meta / f"consolidated.{rank:02d}.pth")
+    write_layout(trained_model(llama_embedding, torch.float32), tmp_path / "trained")
+    joined = release(tmp_path / "trained", meta, tmp_path / "released-mp2")
+    single = release(tmp_path / "trained", llama_meta, tmp_path / "released-single")
+    assert joined["llama_sha256"] == single["llama_sha256"]
+    assert joined["released_sha256"] == single["released_sha256"]
