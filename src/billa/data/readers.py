@@ -67,13 +67,78 @@ def expand_paths(pattern: str | os.PathLike, what: str) -> list[str]:
 
 
 def _json_lines(lines, path: str) -> Iterator[tuple[int, object]]:
+    """Parse byte lines; a line that is not UTF-8 or not JSON becomes a DataFormatError naming its line."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            yield number, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            reason = f"byte {err.start} of the line: {err.reason}"
+            yield number, DataFormatError(f"{path}:{number}: not valid UTF-8 ({reason})")
         except json.JSONDecodeError as err:
             yield number, DataFormatError(f"{path}:{number}: not valid JSON ({err.msg})")
+
+
+def _json_array(path: str) -> Iterator[tuple[int, object]]:
+    """Elements of a JSON array file; elements holding bytes that are not UTF-8 become DataFormatErrors."""
+    raw = Path(path).read_bytes()
+    bad = None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:  # keep the readable elements: bad bytes become lone surrogates, found below
+        line = raw.count(b"\n", 0, err.start) + 1
+        bad = f"not valid UTF-8 (first bad byte at offset {err.start}, line {line})"
+        text = raw.decode("utf-8", errors="surrogateescape")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        also = f"; the file is {bad}" if bad else ""
+        raise DataFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg}){also}") from None
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}:1: expected a JSON array of records, got {type(data).__name__}")
+    for number, element in enumerate(data, start=1):
+        if bad and _has_surrogates(element):
+            yield number, DataFormatError(f"{path}:{number}: array element {number} is {bad}")
+        else:
+            yield number, element
+
+
+def _has_surrogates(value: object) -> bool:
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogates(v) for v in value)
+    return False
+
+
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"PK\x03\x04": "zip"}
+
+
+def _zst_lines(path: str) -> Iterator[tuple[int, object]]:
+    """Lines of a ``.jsonl.zst`` stream; damage ends the file with one DataFormatError after the readable lines."""
+    import pyarrow as pa
+
+    stream = pa.input_stream(path, compression="zstd")
+    last = 0
+    try:
+        with io.BufferedReader(stream) as handle:
+            for last, value in _json_lines(handle, path):
+                yield last, value
+    except OSError as err:
+        with open(path, "rb") as raw:
+            head = raw.read(6)
+        kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+        hint = f": it is a {kind} file, not zstd" if kind else ""
+        yield (
+            last + 1,
+            DataFormatError(
+                f"{path}:{last + 1}: corrupt zstd stream ({err}){hint}; {last} lines were read before the damage, "
+                "the rest of the file is lost"
+            ),
+        )
 
 
 def _hub_rows(spec: str) -> Iterator[tuple[int, object]]:
@@ -97,19 +162,9 @@ def _raw_records(path: str) -> Iterator[tuple[int, object]]:
     if path.startswith(HUB_PREFIX):
         yield from _hub_rows(path)
     elif path.endswith(".json"):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(data, list):
-            raise DataFormatError(f"{path}:1: expected a JSON array of records, got {type(data).__name__}")
-        yield from enumerate(data, start=1)
+        yield from _json_array(path)
     elif path.endswith(".zst"):
-        import pyarrow as pa
-
-        with io.TextIOWrapper(pa.input_stream(path, compression="zstd"), encoding="utf-8") as handle:
-            yield from _json_lines(handle, path)
+        yield from _zst_lines(path)
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -119,7 +174,7 @@ def _raw_records(path: str) -> Iterator[tuple[int, object]]:
                 number += 1
                 yield number, row
     elif path.endswith((".jsonl", ".txt")):
-        with open(path, encoding="utf-8") as handle:
+        with open(path, "rb") as handle:
             yield from _json_lines(handle, path)
     else:
         raise DataFormatError(f"{path}: unsupported file type (expected .jsonl, .json, .jsonl.zst, .parquet, .txt)")
