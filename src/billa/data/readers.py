@@ -189,6 +189,20 @@ def _need(raw: object, keys: tuple[str, ...], where: str, fmt: str) -> dict:
     return raw
 
 
+def _optional_str(r: dict, key: str, where: str, fmt: str) -> str:
+    """A field that may be absent or null (then ""), else must be a string."""
+    value = r.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: {fmt} record field {key!r} must be a string (or absent), got {_kind(value)}")
+    return value
+
+
+def _kind(value: object) -> str:
+    return f"{type(value).__name__} {json.dumps(value, ensure_ascii=False, default=str)[:40]}"
+
+
 def _wudao(raw: object, where: str, **_) -> dict | None:
     r = _need(raw, ("title", "content"), where, "WuDao")
     return {"text": r["title"] + "\n\n" + r["content"]}
@@ -196,8 +210,12 @@ def _wudao(raw: object, where: str, **_) -> dict | None:
 
 def _pile(raw: object, where: str, pile_sets: list[str] | None = None, **_) -> dict | None:
     r = _need(raw, ("text",), where, "PILE")
-    if pile_sets is not None and (r.get("meta") or {}).get("pile_set_name") not in pile_sets:
-        return None
+    if pile_sets is not None:
+        meta = r.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise DataFormatError(f"{where}: PILE record field 'meta' must be an object, got {_kind(meta)}")
+        if meta.get("pile_set_name") not in pile_sets:
+            return None
     return {"text": r["text"]}
 
 
@@ -210,16 +228,20 @@ def _translation(raw: object, where: str, **_) -> dict | None:
 
 
 def _task(raw: object, where: str, **_) -> dict | None:
-    r = _need(raw, ("input", "output"), where, "task {id, input, output, type}")
-    return {"input": r["input"], "output": r["output"], "type": r.get("type")}
+    fmt = "task {id, input, output, type}"
+    r = _need(raw, ("input", "output"), where, fmt)
+    return {"input": r["input"], "output": r["output"], "type": _optional_str(r, "type", where, fmt) or None}
 
 
 def _instruction(raw: object, where: str, **_) -> dict | None:
     if isinstance(raw, dict) and "response" in raw:  # Dolly 2.0
-        r = _need(raw, ("instruction", "response"), where, "Dolly {instruction, context, response}")
-        return {"instruction": r["instruction"], "input": r.get("context") or "", "output": r["response"]}
-    r = _need(raw, ("instruction", "output"), where, "instruction {instruction, input, output}")
-    return {"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
+        fmt = "Dolly {instruction, context, response}"
+        r = _need(raw, ("instruction", "response"), where, fmt)
+        context = _optional_str(r, "context", where, fmt)
+        return {"instruction": r["instruction"], "input": context, "output": r["response"]}
+    fmt = "instruction {instruction, input, output}"
+    r = _need(raw, ("instruction", "output"), where, fmt)
+    return {"instruction": r["instruction"], "input": _optional_str(r, "input", where, fmt), "output": r["output"]}
 
 
 READERS: dict[str, tuple[str, Callable[..., dict | None]]] = {  # format -> (record kind, parser)
