@@ -80,3 +80,44 @@ def test_bad_file_names_file_and_line_and_skip_counts_it(name, fmt, options, mes
     assert stats.skipped_examples[0].startswith(f"{path}:")
     for record in records:  # what reaches the objectives is plain strings (type may be None)
         assert all(isinstance(v, str) or (k == "type" and v is None) for k, v in record.fields.items()), record
+
+
+# file, format, records kept, records left out for empty text (under raise and skip alike), the first reason
+EMPTY_CASES = [
+    ("empty_text.jsonl", "pile", 1, 2, "2: empty text"),
+    ("empty_translation.jsonl", "translation", 1, 2, "2: empty en"),
+    ("empty_output.jsonl", "instruction", 2, 2, "2: empty output"),  # and line 3: no instruction nor input
+]
+
+
+@pytest.mark.parametrize("name,fmt,kept,empty,reason", EMPTY_CASES, ids=[c[0] for c in EMPTY_CASES])
+def test_empty_texts_are_left_out_and_counted(name, fmt, kept, empty, reason):
+    """Bug caught: ``{"text": ""}``, an empty side of a pair or an empty output silently becoming a training
+    example (BOS + EOS only, or a prompt with nothing to learn)."""
+    path = FIXTURES / name
+    for on_error in ("raise", "skip"):
+        stats = ReadStats()
+        records = list(read_records(path, fmt, "data.sources.x.train", stats, on_error=on_error))
+        assert (len(records), stats.read, stats.empty, stats.skipped) == (kept, kept, empty, 0)
+        assert stats.skipped_examples[0] == f"{path}:{reason}"
+
+
+def test_tokenisation_pass_reports_skipped_and_empty_records(tmp_path, sample_tokenizer_dir, caplog):
+    """Bug caught: counts lost between the reader and the data report (a worker's stats not carried to the end)."""
+    from billa.data.cache import ObjectiveSettings, tokenize_source
+    from billa.data.datamodule import DEFAULT_PROMPTS_DIR
+    from billa.train import report_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("empty_text.jsonl", "non_utf8.jsonl", "malformed.jsonl"):
+        (data / name).write_bytes((FIXTURES / name).read_bytes())
+    settings = ObjectiveSettings("en", "pile", "causal_lm", 64, 0, False, on_error="skip")
+    dataset, stats = tokenize_source(
+        str(data / "*.jsonl"), settings, sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), tmp_path / "c"
+    )
+    assert len(dataset) == stats["examples"] == 1 + 2 + 2
+    assert (stats["empty_text"], stats["skipped_malformed"], stats["files"]) == (2, 2, 3)
+    with caplog.at_level("INFO", logger="billa"):
+        report_data({"en/train": stats})
+    assert "'skipped_malformed': 2" in caplog.text and "'empty_text': 2" in caplog.text

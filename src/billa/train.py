@@ -210,7 +210,8 @@ def export(cfg: DictConfig, trainer: L.Trainer, module: BillaLM, tokenizer_dir: 
 def report_data(stats: dict) -> None:
     """End-of-run data report: records read, examples used, and every record not used and why."""
     for split, counts in sorted(stats.items()):
-        dropped = {k: counts.get(k, 0) for k in ("filtered", "skipped_malformed", "no_target_after_truncation")}
+        reasons = ("filtered", "skipped_malformed", "empty_text", "no_target_after_truncation")
+        dropped = {k: counts.get(k, 0) for k in reasons}
         line = f"{split}: {counts.get('records', 0)} records -> {counts.get('examples', 0)} examples"
         if any(dropped.values()):
             log.warning("Data report %s; not used: %s %s", line, dropped, counts.get("skipped_examples", [])[:3])

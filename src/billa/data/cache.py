@@ -24,7 +24,7 @@ import datasets
 from tqdm.auto import tqdm
 
 from billa.data.objectives import OBJECTIVES, ObjectiveContext, load_prompts, record_rng
-from billa.data.readers import HUB_PREFIX, ReadStats, expand_paths, read_records
+from billa.data.readers import HUB_PREFIX, READER_VERSION, ReadStats, expand_paths, read_records
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -192,6 +192,7 @@ def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> Sh
         "records": stats.read,
         "filtered": stats.filtered,
         "skipped_malformed": stats.skipped,
+        "empty_text": stats.empty,
         "skipped_examples": stats.skipped_examples,
         "no_target_after_truncation": dropped,
     }
@@ -216,6 +217,7 @@ def tokenize_source(
     """Tokenise every file of ``pattern`` once (reusing finished shards); return the concatenated dataset + stats."""
     files = expand_paths(pattern, what)
     settings_key = fingerprint(
+        f"readers/{READER_VERSION}",
         json.dumps(asdict(settings), sort_keys=True),
         tokenizer_fingerprint(tokenizer_dir),
         prompts_fingerprint(prompts_dir),

@@ -45,7 +45,8 @@ class ReadStats:
     read: int = 0
     filtered: int = 0  # dropped on purpose by a documented filter (e.g. PILE subsets), counted
     skipped: int = 0  # malformed records skipped because the user chose on_error=skip, counted and reported
-    skipped_examples: list[str] = field(default_factory=list)  # the first few, "file:line: why"
+    empty: int = 0  # records whose text (or output) is empty or blank: nothing to train on, counted
+    skipped_examples: list[str] = field(default_factory=list)  # the first few not used, "file:line: why"
     files: list[str] = field(default_factory=list)
 
 
@@ -253,6 +254,25 @@ READERS: dict[str, tuple[str, Callable[..., dict | None]]] = {  # format -> (rec
 }
 
 
+READER_VERSION = 2  # bump when what the readers yield changes: tokenised shards keyed by it are rebuilt
+
+# record kind -> groups of fields; a record needs a non-blank value in at least one field of every group
+REQUIRED_TEXT: dict[str, tuple[tuple[str, ...], ...]] = {
+    "text": (("text",),),
+    "translation": (("en",), ("zh",)),
+    "task": (("output",),),
+    "instruction": (("output",), ("instruction", "input")),
+}
+
+
+def _empty_fields(fields: dict, kind: str) -> str | None:
+    """The first required group with only empty or blank fields ("text", "instruction/input"), or None."""
+    for group in REQUIRED_TEXT.get(kind, ()):
+        if not any(isinstance(fields.get(k), str) and fields[k].strip() for k in group):
+            return "/".join(group)
+    return None
+
+
 def record_kind(fmt: str) -> str:
     if fmt not in READERS:
         raise DataFormatError(f"unknown data format {fmt!r}; known formats: {sorted(READERS)}")
@@ -275,7 +295,8 @@ def read_records(
         what: the config key being read (for error messages), e.g. ``data.sources.zh.train``.
         stats: counters updated while reading.
         on_error: ``raise`` (default) stops at the first malformed record; ``skip`` counts it in ``stats`` and goes
-            on (the caller reports the count).
+            on (the caller reports the count). Records with empty text (``REQUIRED_TEXT``) are counted in
+            ``stats.empty`` and left out under both settings.
         **options: reader options (``pile_sets`` for PILE).
 
     Raises:
@@ -283,8 +304,7 @@ def read_records(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: expected raise or skip")
-    record_kind(fmt)
-    parse = READERS[fmt][1]
+    kind, parse = record_kind(fmt), READERS[fmt][1]
     stats = stats if stats is not None else ReadStats()
     for path in expand_paths(pattern, what):
         stats.files.append(path)
@@ -303,6 +323,11 @@ def read_records(
                 continue
             if fields is None:
                 stats.filtered += 1
+                continue
+            if empty := _empty_fields(fields, kind):
+                stats.empty += 1
+                if len(stats.skipped_examples) < 5:
+                    stats.skipped_examples.append(f"{where}: empty {empty}")
                 continue
             stats.read += 1
             yield Record(fields, path, line)
