@@ -121,3 +121,98 @@ def test_tokenisation_pass_reports_skipped_and_empty_records(tmp_path, sample_to
     with caplog.at_level("INFO", logger="billa"):
         report_data({"en/train": stats})
     assert "'skipped_malformed': 2" in caplog.text and "'empty_text': 2" in caplog.text
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system`` (the shape of a crafted checkpoint); saving it runs nothing."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def crafted_checkpoint(tmp_path) -> tuple[Path, Path]:
+    """A billa-looking ZeRO-3 checkpoint directory whose optimizer shard runs a command when unpickled."""
+    import torch
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step=000004.ckpt"
+    (ckpt / "checkpoint").mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text("")
+    marker = tmp_path / "code-ran"
+    client = {"hyper_parameters": {"model": {"architecture": {}}, "vocab_size": 8, "tokenizer_dir": str(tmp_path)}}
+    torch.save(client, ckpt / "checkpoint" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    optim = {"optimizer_state_dict": {"zero_stage": 3, "partition_count": 1, "hook": _RunsCode(marker)}}
+    torch.save(optim, ckpt / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    return ckpt, marker
+
+
+def test_crafted_zero_checkpoint_is_refused_by_convert(crafted_checkpoint, tmp_path):
+    """Bug caught: DeepSpeed's consolidation unpickling every shard with weights_only=False (code execution)."""
+    from billa.convert.zero_to_hf import zero_to_hf
+    from billa.distributed.safe_load import UntrustedCheckpointError
+
+    ckpt, marker = crafted_checkpoint
+    with pytest.raises(UntrustedCheckpointError) as err:
+        zero_to_hf(ckpt, tmp_path / "hf")
+    message = str(err.value)
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in message and "posix.system" in message
+    assert "op.trust_checkpoint=true" in message
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+
+
+def test_forced_weights_only_loading_stops_library_loads(crafted_checkpoint):
+    """Bug caught: a library call site passing weights_only=False inside billa's loading context (DeepSpeed's
+    parse_optim_states does) still unpickling arbitrary callables."""
+    import pickle
+
+    import torch
+
+    from billa.distributed.safe_load import weights_only_loading
+
+    ckpt, marker = crafted_checkpoint
+    shard = ckpt / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with weights_only_loading(), pytest.raises(pickle.UnpicklingError, match="posix.system"):
+        torch.load(shard, weights_only=False)  # what DeepSpeed's zero_to_fp32 calls
+    assert not marker.exists()
+
+
+def test_deepspeed_types_of_real_zero_shards_are_allowed(tmp_path):
+    """Bug caught: an allow-list missing what ZeRO optimizer shards pickle (loss scaler, ZeRO stage enum), which
+    would make every genuine checkpoint unloadable."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from billa.distributed.safe_load import check_checkpoint, weights_only_loading
+
+    shard = tmp_path / "ckpt" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.parent.mkdir()
+    state = {
+        "zero_stage": ZeroStageEnum.weights,
+        "loss_scaler": LossScaler(1.0),
+        "dyn": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False),
+    }
+    torch.save({"optimizer_state_dict": {**state, "fp32_flat_groups": [torch.ones(4)]}}, shard)
+    check_checkpoint(shard.parent, "ckpt_path")  # no error
+    with weights_only_loading():
+        loaded = torch.load(shard, weights_only=False)["optimizer_state_dict"]
+    assert loaded["zero_stage"] == ZeroStageEnum.weights and loaded["loss_scaler"].cur_scale == 1.0
+    with pytest.raises(Exception, match="Unsupported global"):  # the allow-list is what makes it load
+        torch.load(shard, weights_only=True)
+
+
+def test_resume_from_a_crafted_checkpoint_is_refused_before_any_work(crafted_checkpoint, compose, tmp_path):
+    """Bug caught: resuming from someone else's checkpoint directory runs its pickles in DeepSpeed's engine."""
+    from billa.distributed.safe_load import UntrustedCheckpointError
+    from billa.train import run
+
+    ckpt, marker = crafted_checkpoint
+    cfg = compose([f"ckpt_path='{ckpt.parent}'", "logger=none"], output_dir=tmp_path / "out")
+    with pytest.raises(UntrustedCheckpointError, match=r"ckpt_path=.*posix\.system.*trust_checkpoint=true"):
+        run(cfg)
+    assert not marker.exists() and not (tmp_path / "out").exists()

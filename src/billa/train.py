@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from billa.config import BatchPlan, ConfigError, validate
 from billa.data.datamodule import BillaDataModule
 from billa.distributed.checkpoints import resolve_ckpt_path
 from billa.distributed.memory import plan_memory, zero_settings
+from billa.distributed.safe_load import check_checkpoint, weights_only_loading
 from billa.export import gather_state_dict, save_hf_model
 from billa.model.builders import count_parameters
 from billa.model.module import BillaLM
@@ -229,6 +231,10 @@ def run(cfg: DictConfig) -> dict:
     setup_logging()
     plan = validate(cfg)
     log.info("Stage %s, model %s, %s", cfg.stage_name, cfg.model.name, plan)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), Path(cfg.output_dir) / "checkpoints")
+    trust = bool(cfg.get("trust_checkpoint", False))
+    if ckpt_path:  # before any work: a checkpoint whose pickles would run code is refused here
+        check_checkpoint(ckpt_path, "ckpt_path" if cfg.get("ckpt_path") else "resume=auto", trust)
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
@@ -251,10 +257,10 @@ def run(cfg: DictConfig) -> dict:
         tokenizer_dir=tokenizer_dir,
     )
     trainer = build_trainer(cfg, plan, vocab_size)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), Path(cfg.output_dir) / "checkpoints")
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with weights_only_loading(trust) if ckpt_path else contextlib.nullcontext():  # DeepSpeed's loads included
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     probe = next(iter(datamodule.val_dataloader()), None) if datamodule.val_set else None
     result = export(cfg, trainer, module, tokenizer_dir, probe)
