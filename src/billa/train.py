@@ -11,7 +11,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from billa.callbacks import PartitionReport, StepCheckpoint, StopAtStep, Throughput, flops_per_token
+from billa.callbacks import (
+    PartitionReport,
+    RedactCheckpointHparams,
+    StepCheckpoint,
+    StopAtStep,
+    Throughput,
+    flops_per_token,
+)
 from billa.config import BatchPlan, ConfigError, validate
 from billa.data.datamodule import BillaDataModule
 from billa.distributed.checkpoints import resolve_ckpt_path
@@ -144,6 +151,7 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
     callbacks = [
         Throughput(cfg.trainer.log_every_n_steps, fpt, hw.get("peak_tflops")),
         PartitionReport(str(Path(cfg.output_dir) / "partition")),
+        RedactCheckpointHparams(),
         StepCheckpoint(
             dirpath=Path(cfg.output_dir) / "checkpoints",
             filename="step={step:06d}",
