@@ -216,3 +216,34 @@ def test_resume_from_a_crafted_checkpoint_is_refused_before_any_work(crafted_che
     with pytest.raises(UntrustedCheckpointError, match=r"ckpt_path=.*posix\.system.*trust_checkpoint=true"):
         run(cfg)
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("init_from=/nonexistent/stage1/hf", r"`init_from`=/nonexistent/stage1/hf: no such directory"),
+        ("init_from={fixtures}", r"`init_from`=.*: not a HF model directory \(no config.json\)"),
+        ("model.pretrained_path=/nonexistent/llama", r"`model.pretrained_path`=/nonexistent/llama: no such directory"),
+        ("data.on_error=ignore", r"`data.on_error`='ignore': expected raise .* or skip"),
+        ("resume=always", r"`resume`='always': expected auto"),
+    ],
+)
+def test_config_mistakes_stop_before_any_work(compose, override, message):
+    """Bugs caught: a missing init_from surfacing after the whole tokenisation pass as "Repo id must be in the
+    form ...", data.on_error=ignore failing only at tokenisation and without its key, an unknown resume value."""
+    from billa.config import ConfigError, validate
+
+    cfg = compose([override.format(fixtures=FIXTURES)])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_resume_auto_says_where_it_looked(compose, tmp_path, caplog):
+    """Bug caught: resume=auto with no checkpoint (a new timestamped run directory) silently starting fresh."""
+    from billa.train import resume_checkpoint
+
+    cfg = compose(["resume=auto"], output_dir=tmp_path)
+    with caplog.at_level("INFO", logger="billa"):
+        assert resume_checkpoint(cfg) is None
+    assert f"resume=auto: no complete checkpoint in {tmp_path / 'checkpoints'}, starting from scratch" in caplog.text
+    assert "hydra.run.dir" in caplog.text

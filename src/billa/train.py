@@ -229,6 +229,31 @@ def report_data(stats: dict) -> None:
             log.info("Data report %s", line)
 
 
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from (``ckpt_path``, or ``resume=auto``), checked before any work is done.
+
+    ``resume=auto`` says where it looked and, when nothing is there, that the run starts from scratch.
+
+    Raises:
+        UntrustedCheckpointError: the checkpoint's pickles would run code (unless ``trust_checkpoint=true``).
+    """
+    directory = Path(cfg.output_dir) / "checkpoints"
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), directory)
+    if cfg.get("resume") == "auto" and not cfg.get("ckpt_path"):
+        if ckpt_path:
+            log.info("resume=auto: the newest complete checkpoint in %s is %s", directory, ckpt_path)
+        else:
+            log.warning(
+                "resume=auto: no complete checkpoint in %s, starting from scratch (every run gets a new output "
+                "directory unless hydra.run.dir is fixed: pass hydra.run.dir=<the run to continue>)",
+                directory,
+            )
+    if ckpt_path:  # a checkpoint whose pickles would run code is refused here
+        key = "ckpt_path" if cfg.get("ckpt_path") else "resume=auto"
+        check_checkpoint(ckpt_path, key, bool(cfg.get("trust_checkpoint", False)))
+    return ckpt_path
+
+
 def run(cfg: DictConfig) -> dict:
     """Train one stage as configured and export the result.
 
@@ -239,10 +264,8 @@ def run(cfg: DictConfig) -> dict:
     setup_logging()
     plan = validate(cfg)
     log.info("Stage %s, model %s, %s", cfg.stage_name, cfg.model.name, plan)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), Path(cfg.output_dir) / "checkpoints")
+    ckpt_path = resume_checkpoint(cfg)
     trust = bool(cfg.get("trust_checkpoint", False))
-    if ckpt_path:  # before any work: a checkpoint whose pickles would run code is refused here
-        check_checkpoint(ckpt_path, "ckpt_path" if cfg.get("ckpt_path") else "resume=auto", trust)
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
