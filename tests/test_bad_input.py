@@ -247,3 +247,59 @@ def test_resume_auto_says_where_it_looked(compose, tmp_path, caplog):
         assert resume_checkpoint(cfg) is None
     assert f"resume=auto: no complete checkpoint in {tmp_path / 'checkpoints'}, starting from scratch" in caplog.text
     assert "hydra.run.dir" in caplog.text
+
+
+def test_stale_temp_directories_of_dead_passes_are_removed(tmp_path):
+    """Bug caught: killed or failed passes leaving <hash>.tmp<PID> directories in the cache forever (19 MB after one
+    kill), or a cleanup that deletes the directory of a pass still running."""
+    import socket
+    import subprocess
+    import sys
+
+    from billa.data.cache import remove_stale_temp
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        shard_root = tmp_path / "cache" / "en" / "settingskey"
+        host = socket.gethostname()
+        names = {
+            "dead": f"abc.tmp-{host}-{dead_pid}",
+            "legacy": f"def.tmp{dead_pid}",
+            "live": f"ghi.tmp-{host}-{live.pid}",
+            "other_host": f"jkl.tmp-elsewhere-{dead_pid}",  # may belong to a pass running on another node
+        }
+        for name in names.values():
+            (shard_root / name).mkdir(parents=True)
+            (shard_root / name / "data.arrow").write_bytes(b"x" * 1000)
+        (tmp_path / "cache" / f"file_hashes.json.tmp-{host}-{dead_pid}").write_text("{}")
+        assert remove_stale_temp(tmp_path / "cache") == 3
+        left = {p.name for p in shard_root.iterdir()}
+        assert left == {names["live"], names["other_host"]}
+        assert not list((tmp_path / "cache").glob("file_hashes.json.tmp*"))
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_in_place_edit_keeping_size_and_mtime_gets_a_new_shard(tmp_path, sample_tokenizer_dir):
+    """Bug caught: the file-hash index trusting (path, size, mtime), so an edit that keeps both reuses a stale
+    shard although shards are keyed by content."""
+    import os
+
+    from billa.data.cache import ObjectiveSettings, tokenize_source
+    from billa.data.datamodule import DEFAULT_PROMPTS_DIR
+
+    path = tmp_path / "en.jsonl"
+    path.write_text('{"text": "the first version"}\n')
+    stat = path.stat()
+    settings = ObjectiveSettings("en", "pile", "causal_lm", 64, 0, False)
+    args = (str(path), settings, sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), tmp_path / "cache")
+    first, _ = tokenize_source(*args)
+    path.write_text('{"text": "the other version"}\n')  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    second, stats = tokenize_source(*args)
+    assert stats["reused_shards"] == 0
+    assert second["input_ids"][0].tolist() != first["input_ids"][0].tolist()
