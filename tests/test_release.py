@@ -331,3 +331,21 @@ def test_meta_model_parallel_shards_are_joined(llama_meta, llama_embedding, tmp_
     single = release(tmp_path / "trained", llama_meta, tmp_path / "released-single")
     assert joined["llama_sha256"] == single["llama_sha256"]
     assert joined["released_sha256"] == single["released_sha256"]
+
+
+def test_release_without_manifest_needs_the_explicit_flag(released_dir, llama_meta, llama_embedding, tmp_path):
+    """Bug caught: a directory without a manifest (BiLLa's own release, or files copied without it) restored
+    silently without any check."""
+    bare = tmp_path / "bare"
+    shutil.copytree(released_dir, bare)
+    (bare / MANIFEST).unlink()
+    with pytest.raises(ReleaseError, match=r"no billa_release.json.*op\.require_manifest=false"):
+        restore(bare, llama_meta, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    result = restore(bare, llama_meta, tmp_path / "restored", require_manifest=False)
+    assert result["verified"] is False and result["state"] == "restored"
+    released = load_file(bare / "model.safetensors")[HF_EMBED]
+    restored = load_file(tmp_path / "restored" / "model.safetensors")[HF_EMBED]
+    expected = (released[:BASE_VOCAB].double() - llama_embedding.double()).to(released.dtype)  # plain subtraction
+    assert torch.equal(restored[:BASE_VOCAB], expected) and torch.equal(restored[BASE_VOCAB:], released[BASE_VOCAB:])
+    assert verify(tmp_path / "restored")["state"] == "restored"
