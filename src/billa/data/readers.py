@@ -68,12 +68,12 @@ def expand_paths(pattern: str | os.PathLike, what: str) -> list[str]:
 
 
 def _json_lines(lines, path: str) -> Iterator[tuple[int, object]]:
-    """Parse byte lines; a line that is not UTF-8 or not JSON becomes a DataFormatError naming its line."""
+    """Parse lines (bytes, or already decoded str); one that is not UTF-8 or not JSON becomes a DataFormatError."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line.decode("utf-8"))
+            yield number, json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
         except UnicodeDecodeError as err:
             reason = f"byte {err.start} of the line: {err.reason}"
             yield number, DataFormatError(f"{path}:{number}: not valid UTF-8 ({reason})")
