@@ -146,7 +146,7 @@ def test_convert_ops_compose(op):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("convert", overrides=[f"op={op}", "op.out_dir=/tmp/x", "+op.unused=1"])
+        cfg = hydra_compose("convert", overrides=[f"op={op}", "++op.out_dir=/tmp/x", "+op.unused=1"])
     assert cfg.op._target_.startswith("billa.")
     target = instantiate({"_target_": "hydra.utils.get_method", "path": cfg.op._target_})
     assert callable(target)

@@ -1,4 +1,4 @@
-"""Training callbacks: throughput and MFU logging, ZeRO partition report."""
+"""Training callbacks: throughput and MFU logging, ZeRO partition report, secrets kept out of checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from billa.distributed.memory import partition_report
 from billa.utils.logging import get_logger
+from billa.utils.secrets import redact
 
 log = get_logger(__name__)
 
@@ -119,3 +120,14 @@ class StepCheckpoint(ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+
+class RedactCheckpointHparams(L.Callback):
+    """Checkpoints carry the module's hyperparameters with secrets masked (``billa.utils.secrets.redact``).
+
+    ``+model.hf_token=...`` would otherwise be pickled into every checkpoint a run writes (and shares).
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = redact(dict(checkpoint["hyper_parameters"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,11 +11,19 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from billa.callbacks import PartitionReport, StepCheckpoint, StopAtStep, Throughput, flops_per_token
+from billa.callbacks import (
+    PartitionReport,
+    RedactCheckpointHparams,
+    StepCheckpoint,
+    StopAtStep,
+    Throughput,
+    flops_per_token,
+)
 from billa.config import BatchPlan, ConfigError, validate
 from billa.data.datamodule import BillaDataModule
 from billa.distributed.checkpoints import resolve_ckpt_path
 from billa.distributed.memory import plan_memory, zero_settings
+from billa.distributed.safe_load import check_checkpoint, weights_only_loading
 from billa.export import gather_state_dict, save_hf_model
 from billa.model.builders import count_parameters
 from billa.model.module import BillaLM
@@ -143,6 +152,7 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
     callbacks = [
         Throughput(cfg.trainer.log_every_n_steps, fpt, hw.get("peak_tflops")),
         PartitionReport(str(Path(cfg.output_dir) / "partition")),
+        RedactCheckpointHparams(),
         StepCheckpoint(
             dirpath=Path(cfg.output_dir) / "checkpoints",
             filename="step={step:06d}",
@@ -211,12 +221,38 @@ def export(cfg: DictConfig, trainer: L.Trainer, module: BillaLM, tokenizer_dir: 
 def report_data(stats: dict) -> None:
     """End-of-run data report: records read, examples used, and every record not used and why."""
     for split, counts in sorted(stats.items()):
-        dropped = {k: counts.get(k, 0) for k in ("filtered", "skipped_malformed", "no_target_after_truncation")}
+        reasons = ("filtered", "skipped_malformed", "empty_text", "no_target_after_truncation")
+        dropped = {k: counts.get(k, 0) for k in reasons}
         line = f"{split}: {counts.get('records', 0)} records -> {counts.get('examples', 0)} examples"
         if any(dropped.values()):
             log.warning("Data report %s; not used: %s %s", line, dropped, counts.get("skipped_examples", [])[:3])
         else:
             log.info("Data report %s", line)
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from (``ckpt_path``, or ``resume=auto``), checked before any work is done.
+
+    ``resume=auto`` says where it looked and, when nothing is there, that the run starts from scratch.
+
+    Raises:
+        UntrustedCheckpointError: the checkpoint's pickles would run code (unless ``trust_checkpoint=true``).
+    """
+    directory = Path(cfg.output_dir) / "checkpoints"
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), directory)
+    if cfg.get("resume") == "auto" and not cfg.get("ckpt_path"):
+        if ckpt_path:
+            log.info("resume=auto: the newest complete checkpoint in %s is %s", directory, ckpt_path)
+        else:
+            log.warning(
+                "resume=auto: no complete checkpoint in %s, starting from scratch (every run gets a new output "
+                "directory unless hydra.run.dir is fixed: pass hydra.run.dir=<the run to continue>)",
+                directory,
+            )
+    if ckpt_path:  # a checkpoint whose pickles would run code is refused here
+        key = "ckpt_path" if cfg.get("ckpt_path") else "resume=auto"
+        check_checkpoint(ckpt_path, key, bool(cfg.get("trust_checkpoint", False)))
+    return ckpt_path
 
 
 def run(cfg: DictConfig) -> dict:
@@ -229,6 +265,8 @@ def run(cfg: DictConfig) -> dict:
     setup_logging()
     plan = validate(cfg)
     log.info("Stage %s, model %s, %s", cfg.stage_name, cfg.model.name, plan)
+    ckpt_path = resume_checkpoint(cfg)
+    trust = bool(cfg.get("trust_checkpoint", False))
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
@@ -251,10 +289,10 @@ def run(cfg: DictConfig) -> dict:
         tokenizer_dir=tokenizer_dir,
     )
     trainer = build_trainer(cfg, plan, vocab_size)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), Path(cfg.output_dir) / "checkpoints")
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with weights_only_loading(trust) if ckpt_path else contextlib.nullcontext():  # DeepSpeed's loads included
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     probe = next(iter(datamodule.val_dataloader()), None) if datamodule.val_set else None
     result = export(cfg, trainer, module, tokenizer_dir, probe)

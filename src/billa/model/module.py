@@ -47,7 +47,7 @@ class BillaLM(L.LightningModule):
         tokenizer_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config from build_logger, redacted
         self.model = None
         self.val_loss_start: float | None = None
 
