@@ -149,3 +149,54 @@ def test_model_card_metadata_and_body():
     assert "| sequence length | 1,024 |" in body and "NVIDIA A100-SXM4-80GB" in body
     assert "| `val/loss` | 1.933 |" in body
     assert "python train.py model=llama-7b data=billa hardware=8xa100" in body
+
+
+@pytest.fixture(scope="module")
+def whitespace_merging_tokenizer(tmp_path_factory):
+    """A SentencePiece BPE tokenizer that merges "▁▁" early (trained on indented code), unlike the sample one."""
+    import sentencepiece as spm
+
+    from billa.tokenizer.load import save_tokenizer_dir
+
+    root = tmp_path_factory.mktemp("ws-tokenizer")
+    text = [f"def f(x):    return x  # {i}  two  spaces\nThe answer is {i}. 答案是{i}" for i in range(2000)]
+    (root / "corpus.txt").write_text("\n".join(text), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"),
+        model_prefix=str(root / "ws"),
+        vocab_size=340,
+        model_type="bpe",
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+        split_digits=True,
+        minloglevel=2,
+    )
+    out = save_tokenizer_dir(root / "ws.model", root / "tok")
+    write_serving_config(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert "▁▁" in tokenizer.get_vocab()
+    return tokenizer
+
+
+def test_whitespace_merging_vocabulary_current_turn_exact_history_same_text(whitespace_merging_tokenizer):
+    """The documented limit, pinned down: with a "▁▁" piece the generation prompt of a single turn and the current
+    turn are still exact; a past answer may be segmented differently ("▁▁" for "▁", "▁") but is the same text.
+    Catches a template whose current-turn prompt drifts from the objective's with such vocabularies (LLaMA's)."""
+    tokenizer = whitespace_merging_tokenizer
+    ctx = _ctx(tokenizer)
+    turns = [("q1", "42"), ("q2", "The answer is 42."), ("q3", "答案是42")]
+    example = dialogue({"turns": [{"human": q, "assistant": a} for q, a in turns]}, ctx, random.Random(0))
+    single = dialogue({"instruction": "q1", "output": "42"}, ctx, random.Random(0))
+    assert _chat_ids(tokenizer, [{"role": "user", "content": "q1"}], add_generation_prompt=True) == _prefix(single)
+    history = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    chat = _chat_ids(tokenizer, history[:-1], add_generation_prompt=True)
+    trained = _prefix(example)
+    eos = tokenizer.eos_token_id
+    last_chat, last_trained = (
+        chat[len(chat) - chat[::-1].index(eos) :],
+        trained[len(trained) - trained[::-1].index(eos) :],
+    )
+    assert last_chat == last_trained  # "\nHuman: q3\nAssistant: ": its own segment after </s>
+    assert chat != trained  # the sample tokenizer's exactness does not carry over to this vocabulary ...
+    assert tokenizer.decode(chat) == tokenizer.decode(trained)  # ... but the text the model reads is the same
