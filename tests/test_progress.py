@@ -130,7 +130,8 @@ def test_redirected_run_logs_steps_validations_and_tokenisation(tmp_path, cache_
     """A real `python train.py` with stdout and stderr going to a pipe, as under SLURM.
 
     Catches the silent job log of the issue: no step lines until the end (a bar drawn only at exit), validation
-    results missing from the log, the tokenisation pass without progress, and "Epoch 0/-2".
+    results missing from the log, the tokenisation pass without progress, and "Epoch 0/-2"; and a model card that
+    misses the stage, the mix or the command, or leaks a secret from the command line.
     """
     env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir)}
     run_dir = tmp_path / "run"
@@ -147,6 +148,7 @@ def test_redirected_run_logs_steps_validations_and_tokenisation(tmp_path, cache_
             "export.verify=false",
             f"data.token_cache_dir={tmp_path / 'tokens'}",  # a fresh cache: the tokenisation pass runs
             f"hydra.run.dir={run_dir}",
+            "+openai_api_key=sk-not-for-the-card",  # a secret given on the command line
         ],
         cwd=ROOT,
         env=env,
@@ -173,4 +175,5 @@ def test_redirected_run_logs_steps_validations_and_tokenisation(tmp_path, cache_
     for source, weight in (("zh", 4), ("en", 4), ("translate", 2)):
         assert re.search(rf"\| `{source}` \| {weight} \| \d+ \| \d\d\.\d% \| [\d,]+ \|", card), card
     assert "python train.py logger=csv trainer.max_steps=6 val_every_n_steps=3" in card
+    assert "+openai_api_key=***" in card and "sk-not-for-the-card" not in card
     assert f"| `val/loss` | {vals[6]:.4g} |" in card

@@ -200,16 +200,26 @@ def hub_datasets(sources: Mapping[str, Mapping]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def hydra_command(script: str = "train.py") -> str | None:
-    """``python <script> <overrides>`` of the running Hydra job (None outside one, e.g. composed in a test)."""
+def hydra_command() -> str | None:
+    """``python <entry point>.py <overrides>`` of the running Hydra job (None outside one, e.g. composed in a test).
+
+    Only the job's own overrides: ``hydra.*`` ones (the run directory, the launcher) are left out, so the command
+    reproduces the run into a fresh directory. Values of secret-looking keys (``*api_key``, ``*token``) become ``***``.
+    """
     import shlex
 
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return None
-    overrides = list(HydraConfig.get().overrides.task)
-    return " ".join(["python", script, *(shlex.quote(o) for o in overrides)])
+    from billa.utils.secrets import REDACTED, SECRET_KEY
+
+    hydra_cfg = HydraConfig.get()
+    overrides = []
+    for override in hydra_cfg.overrides.task:
+        key, sep, _ = override.partition("=")
+        overrides.append(shlex.quote(f"{key}={REDACTED}" if sep and SECRET_KEY.search(key) else override))
+    return " ".join(["python", f"{hydra_cfg.job.name}.py", *overrides])
 
 
 def hydra_choice(group: str) -> str | None:
