@@ -2,16 +2,16 @@
 
 The template renders the ids the SFT objective (``billa.data.objectives.dialogue``) trains on::
 
-    <s>Human: {q1}\\nAssistant: ␣{a1}</s>\\nHuman: {q2}\\nAssistant: ␣
+    <s>Human: {q1}\nAssistant:  {a1}</s>\nHuman: {q2}\nAssistant: ␣   (␣: the trailing space)
 
-The objective encodes every prefix (``"Human: q\\nAssistant: "``, from the second turn on with a leading "\\n") and
+The objective encodes every prefix (``"Human: q\nAssistant: "``, from the second turn on with a leading "\n") and
 every answer separately; with SentencePiece's dummy prefix an answer encodes as if it began with a space, so a past
 answer is rendered after *two* spaces. The special tokens ``<s>``/``</s>`` split the rendered string, and the tokenizer
 normalises each piece on its own (dummy prefix included), exactly as the objective's separate encodes do. The one
 place where joint and separate encoding can differ is that double space: a vocabulary with whitespace-run pieces
-("▁▁", as LLaMA's) may merge the two spaces before an answer whose first character has no "▁x" piece. The generation
-prompt (what a server appends for the next answer) never has that boundary: single-turn prompts and the last turn are
-always exact.
+("▁▁", as LLaMA's) may merge the two spaces before a past answer (one "▁▁" piece where training had "▁", "▁"; the
+text is the same). The current turn's prompt follows ``</s>`` or ``<s>`` and has no such boundary: the generation
+prompt of a single turn, and the last turn of any dialogue, are always exact (tests/test_serving_export.py).
 
 A ``system`` message has no place in BiLLa's format; like an instruction's ``input`` field in the objective, its text
 is joined to the first question with "\\n".
