@@ -217,6 +217,9 @@ class StepProgressBar(ProgressBar):
         if bar is None or trainer.global_step == bar.n:
             return
         bar.update(trainer.global_step - bar.n)
+        self._set_postfix(trainer, refresh=False)
+
+    def _set_postfix(self, trainer: L.Trainer, refresh: bool) -> None:
         postfix = {}
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
@@ -227,7 +230,7 @@ class StepProgressBar(ProgressBar):
         val = trainer.callback_metrics.get("val/loss")
         if val is not None:
             postfix["val/loss"] = f"{float(val):.4f}"
-        bar.set_postfix(postfix, refresh=False)
+        self._train_bar.set_postfix(postfix, refresh=refresh)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.is_enabled or trainer.sanity_checking:
@@ -245,6 +248,8 @@ class StepProgressBar(ProgressBar):
         if self._val_bar is not None:
             self._val_bar.close()
             self._val_bar = None
+        if self._train_bar is not None:  # show the new val/loss now, not at the next step
+            self._set_postfix(trainer, refresh=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._train_bar is not None:
