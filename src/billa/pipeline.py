@@ -108,6 +108,9 @@ def _stage_config(step: DictConfig, base_overrides: list[str], init_from: str | 
     with open_dict(cfg):
         cfg.init_from = init_from
         cfg.resume = "auto"  # a half-finished stage continues from its newest complete checkpoint
+        if cfg.export.get("card") is not None:  # the model card names the command that reproduces this stage
+            start = f" init_from={init_from}" if init_from else ""
+            cfg.export.card.command = f"python train.py {' '.join(overrides)}{start}"
         if cfg.get("logger") and "group" in cfg.logger:
             cfg.logger.group = group  # every stage and every variant of a sweep in one W&B group
     return cfg

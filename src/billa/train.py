@@ -19,7 +19,7 @@ from billa.callbacks import (
     Throughput,
     flops_per_token,
 )
-from billa.config import BatchPlan, ConfigError, validate
+from billa.config import BatchPlan, ConfigError, plan_batch, validate
 from billa.data.datamodule import BillaDataModule
 from billa.distributed.checkpoints import resolve_ckpt_path
 from billa.distributed.memory import plan_memory, zero_settings
@@ -27,6 +27,8 @@ from billa.distributed.safe_load import check_checkpoint, weights_only_loading
 from billa.export import gather_state_dict, save_hf_model
 from billa.model.builders import count_parameters
 from billa.model.module import BillaLM
+from billa.model_card import ModelCard, hub_datasets, hydra_choice, hydra_command, realised_mix
+from billa.progress import progress_callbacks
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger, setup_logging
 from billa.utils.secrets import redact
@@ -167,6 +169,10 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
     ]
     if cfg.get("stop_after_steps"):
         callbacks.append(StopAtStep(cfg.stop_after_steps))
+    progress, enable_progress_bar = progress_callbacks(
+        cfg.get("progress", "auto"), cfg.trainer.log_every_n_steps, cfg.trainer.enable_progress_bar, cfg.stage_name
+    )
+    callbacks += progress
     return instantiate(
         cfg.trainer,
         accelerator=hw.accelerator,
@@ -180,6 +186,7 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
         use_distributed_sampler=False,  # BillaDataModule shards the stream itself (exact resume)
         logger=logger,
         callbacks=callbacks,
+        enable_progress_bar=enable_progress_bar,  # a step bar on a terminal, text lines in job logs (billa.progress)
         default_root_dir=cfg.output_dir,
     )
 
@@ -196,13 +203,76 @@ def probe_logits(module: BillaLM, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return out.logits.float().cpu()
 
 
+def model_card(cfg: DictConfig, trainer: L.Trainer, module: BillaLM) -> ModelCard:
+    """What the export's README.md states, gathered from the config and the finished run."""
+    plan, metrics = plan_batch(cfg), {k: float(v) for k, v in trainer.callback_metrics.items()}
+    hw, opt, sched, card = cfg.hardware, cfg.optimizer, cfg.scheduler, cfg.export.get("card") or {}
+    ds_config = strategy_config(cfg)
+    zero_stage = zero_settings(ds_config)[0]
+    device = torch.cuda.get_device_name(0) if hw.accelerator == "gpu" and torch.cuda.is_available() else hw.accelerator
+    finals = {k: v for k, v in sorted(metrics.items()) if k.startswith("val/")}
+    if module.val_loss_start is not None:
+        finals["val/loss at step 0"] = module.val_loss_start
+    if "train/loss" in metrics:
+        finals["train/loss (last step)"] = metrics["train/loss"]
+    datamodule = trainer.datamodule
+    return ModelCard(
+        model_name=cfg.model.name,
+        stage=cfg.stage_name,
+        mix=realised_mix(OmegaConf.to_container(cfg.data.mix), metrics),
+        schedule={
+            "optimizer steps": f"{trainer.global_step:,} of {cfg.trainer.max_steps:,}",
+            "batch": str(plan),
+            "sequence length": cfg.data.max_seq_length,
+            "tokens per step (max)": f"{plan.global_size * cfg.data.max_seq_length:,}",
+            "learning rate": f"{opt.lr:g}, {sched.get('warmup_steps', 0)} warmup steps, cosine to "
+            f"{sched.get('min_lr_ratio', 0)} x lr",
+            "optimizer": f"{opt._target_.rsplit('.', 1)[-1]} betas {list(opt.get('betas', []))}, "
+            f"weight decay {opt.get('weight_decay')}, gradient clip {cfg.trainer.get('gradient_clip_val')}",
+            "data": f"mix {cfg.data.get('mix_mode', 'round_robin')}, layout {cfg.data.get('layout', 'pad')}, "
+            f"seed {cfg.seed}",
+        },
+        hardware={
+            "hardware config": hydra_choice("hardware") or "-",
+            "device": device,
+            "devices": f"{hw.devices} x {hw.num_nodes} node(s)",
+            "precision": hw.precision,
+            "strategy": f"DeepSpeed ZeRO-{zero_stage}" if zero_stage is not None else str(hw.strategy),
+            "activation checkpointing": hw.activation_checkpointing,
+        },
+        metrics=finals,
+        command=card.get("command") or hydra_command(),
+        init_from=cfg.get("init_from") or cfg.model.get("pretrained_path"),
+        data={k: v for k, v in sorted(datamodule.stats.items())} if datamodule is not None else {},
+        license=card.get("license", "other"),
+        license_name=card.get("license_name"),
+        base_model=card.get("base_model"),
+        datasets=[*card.get("datasets", []), *hub_datasets(OmegaConf.to_container(cfg.data.sources, resolve=True))],
+        tags=list(card.get("tags", [])),
+        notes=[
+            "Samples and tokens per source are those of the `train/samples/<source>` and `train/tokens/<source>` "
+            "metrics at their last logging (every `trainer.log_every_n_steps` steps), summed over ranks, since the "
+            "run (re)started."
+        ],
+    )
+
+
 def export(cfg: DictConfig, trainer: L.Trainer, module: BillaLM, tokenizer_dir: str, probe: dict | None) -> dict:
     """Gather (ZeRO-3: per parameter) and write the HF directory on rank 0; optionally check it against the model."""
     state = gather_state_dict(module.model, trainer.is_global_zero)
     trained_logits = probe_logits(module, probe) if probe is not None and cfg.export.verify else None
     result = {"export_dir": str(cfg.export.dir)}
     if trainer.is_global_zero:
-        save_hf_model(module.model, tokenizer_dir, cfg.export.dir, state, cfg.export.max_shard_size)
+        save_hf_model(
+            module.model,
+            tokenizer_dir,
+            cfg.export.dir,
+            state,
+            cfg.export.max_shard_size,
+            model_max_length=cfg.data.max_seq_length,  # the context trained on, not the architecture's maximum
+            generation=OmegaConf.to_container(cfg.export.generation) if cfg.export.get("generation") else None,
+            card=model_card(cfg, trainer, module),
+        )
         if trained_logits is not None:
             from transformers import AutoModelForCausalLM
 

@@ -18,15 +18,15 @@ import os
 import re
 import shutil
 import socket
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
-from tqdm.auto import tqdm
 
 from billa.data.objectives import OBJECTIVES, ObjectiveContext, load_prompts, record_rng
 from billa.data.readers import HUB_PREFIX, READER_VERSION, ReadStats, expand_paths, read_records
+from billa.progress import track
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -296,17 +296,18 @@ def tokenize_source(
         else:
             todo.append((path, str(shard)))
     if todo:
-        desc = f"tokenising {settings.source} ({len(todo)} of {len(files)} files)"
+        reused = f", {len(files) - len(todo)} reused" if len(todo) < len(files) else ""
+        desc = f"tokenising {what.removeprefix('data.sources.')}{reused}"
         if num_proc > 1 and len(todo) > 1:
             # spawn, not fork: the caller may already hold threads (DataLoader, gloo, tokenizers' pool)
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer_dir, prompts_dir)) as pool:
                 futures = {pool.submit(_tokenize_file, path, settings, shard): path for path, shard in todo}
-                for future in tqdm(futures, desc=desc, unit="file"):
+                for future in track(as_completed(futures), len(futures), desc, "files"):
                     shards[futures[future]] = future.result()
         else:
             _init_worker(tokenizer_dir, prompts_dir)
-            for path, shard in tqdm(todo, desc=desc, unit="file", disable=len(todo) < 2):
+            for path, shard in track(todo, len(todo), desc, "files"):
                 shards[path] = _tokenize_file(path, settings, shard)
     parts, totals = [], {}
     for path in files:  # input order, whatever order the workers finished in
