@@ -136,7 +136,7 @@ def test_ablation_sweep_writes_its_comparison(store, tmp_path, cache_dir, sample
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     comparison = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
