@@ -178,7 +178,7 @@ def test_ckpt_path_resumes_from_a_checkpoint_file_or_a_checkpoints_directory(tra
             "logger=none",
             "validate_at_start=false",
             "export.verify=false",
-            f"ckpt_path={checkpoints / 'step=000030.ckpt'}",
+            f"ckpt_path='{checkpoints / 'step=000030.ckpt'}'",  # quoted: '=' in a Hydra override value
         ],
         output_dir=tmp_path,
         cache=cache_dir,
