@@ -76,7 +76,12 @@ class Throughput(L.Callback):
 
 
 class PartitionReport(L.Callback):
-    """Writes what each rank really holds at the start of training (``<dir>/rank<N>.json``) and logs rank 0's."""
+    """Writes what each rank really holds (``<dir>/rank<N>.json``) and logs rank 0's.
+
+    The report is taken at the start of training (after DeepSpeed set up the engine) and, under ``at_build``, right
+    after ``configure_model`` built the model, with ``peak_materialised_numel``: the most parameter elements this rank
+    held at once while building (ZeRO-3: about one submodule, never the whole model).
+    """
 
     def __init__(self, directory: str):
         self.directory = Path(directory)
@@ -84,6 +89,7 @@ class PartitionReport(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         report = partition_report(pl_module.model)
         report.update(rank=trainer.global_rank, world_size=trainer.world_size)
+        report["at_build"] = getattr(pl_module, "build_report", None)
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
         log.info(
