@@ -88,7 +88,9 @@ def _batch_tokens(batch) -> int:
 class TextProgress(L.Callback):
     """One log line per ``every_n_steps`` optimizer steps and one per validation (rank 0, through ``logging``).
 
-    Train loss is the mean of the micro-batch losses since the previous line; tokens/s counts the non-padding input
+    Train loss is the mean of the steps' ``train/loss`` since the previous line (BillaLM logs the token-weighted loss
+    of each whole optimizer step, all ranks); for a module that logs none, the mean of the micro-batch losses. tokens/s
+    counts the non-padding input
     tokens of this rank's batches over the same interval, times the number of ranks; ETA extrapolates the optimizer
     steps of this (re)started run to ``trainer.max_steps``.
     """
@@ -102,6 +104,8 @@ class TextProgress(L.Callback):
         self._last_time = 0.0
         self._loss_sum = 0.0
         self._loss_steps = 0.0  # sum of 1/accumulation over micro batches = optimizer steps covered
+        self._step_losses: list[float] = []  # the module's logged train/loss of each optimizer step
+        self._seen_step: int | None = None
         self._tokens = 0
         self._baseline_logged = False
 
@@ -110,7 +114,7 @@ class TextProgress(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._first_step is None:
-            self._first_step = self._last_step = trainer.global_step
+            self._first_step = self._last_step = self._seen_step = trainer.global_step
             self._first_time = self._last_time = time.perf_counter()
             baseline = getattr(pl_module, "val_loss_start", None)  # BillaLM's step-0 validation, if it ran
             if baseline is not None and not self._baseline_logged:
@@ -132,6 +136,11 @@ class TextProgress(L.Callback):
             self._loss_sum += float(loss.detach())
             self._loss_steps += 1.0 / max(1, trainer.accumulate_grad_batches)
         step = trainer.global_step
+        if step != self._seen_step:  # an optimizer step finished with this micro batch
+            self._seen_step = step
+            logged = trainer.callback_metrics.get("train/loss")
+            if logged is not None:
+                self._step_losses.append(float(logged))
         last = step >= trainer.max_steps > 0
         if step == self._last_step or (step % self.every_n_steps and not last):
             return
@@ -141,7 +150,9 @@ class TextProgress(L.Callback):
         now = time.perf_counter()
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         parts = [f"step {step}/{total} ({100.0 * step / total:.1f}%)" if total else f"step {step}"]
-        if self._loss_steps:
+        if self._step_losses:
+            parts.append(f"loss {sum(self._step_losses) / len(self._step_losses):.4f}")
+        elif self._loss_steps:
             parts.append(f"loss {self._loss_sum / self._loss_steps:.4f}")
         lr = _current_lr(trainer)
         if lr is not None:
@@ -156,6 +167,7 @@ class TextProgress(L.Callback):
         log.info(" | ".join(parts))
         self._last_step, self._last_time = step, now
         self._loss_sum = self._loss_steps = 0.0
+        self._step_losses = []
         self._tokens = 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
