@@ -19,6 +19,8 @@ from hydra import initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+pytest_plugins = ["tests.openai_server"]  # the openai_server fixture: a local OpenAI-compatible HTTP server
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
