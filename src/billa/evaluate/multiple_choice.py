@@ -231,7 +231,7 @@ def multiple_choice(
             acc = float(np.mean([p == it.answer for (_, p, _), it in zip(scored, items, strict=True)]))
             acc_norm = float(np.mean([p == it.answer for (_, _, p), it in zip(scored, items, strict=True)]))
             metrics[f"{subset}/loglik/acc"], metrics[f"{subset}/loglik/acc_norm"] = acc, acc_norm
-            rows += [[subset, "loglik", "acc", len(items), acc, ""], [subset, "loglik", "acc_norm", len(items), acc_norm, ""]]
+            rows += [[subset, "loglik", "acc", len(items), acc, None], [subset, "loglik", "acc_norm", len(items), acc_norm, None]]
             for record, (lls, pred, pred_norm) in zip(per_item, scored, strict=True):
                 record.update(loglik=lls, loglik_pred=LETTERS[pred], loglik_pred_norm=LETTERS[pred_norm])
         details.extend({"subset": subset, **r} for r in per_item)

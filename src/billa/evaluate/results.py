@@ -21,6 +21,8 @@ class Table:
 
     def markdown(self) -> str:
         def cell(value) -> str:
+            if value is None:
+                return ""
             if isinstance(value, float):
                 return "nan" if math.isnan(value) else f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
             return str(value).replace("|", "\\|").replace("\n", " ")
@@ -75,4 +77,11 @@ def log_result(logger, task: str, result: TaskResult) -> None:
         logger.log_metrics(metrics)
     if hasattr(logger, "log_table"):
         for name, table in result.tables.items():
-            logger.log_table(key=f"{task}/{name}", columns=table.columns, data=[[str(v) if not isinstance(v, int | float) else v for v in row] for row in table.rows])
+            logger.log_table(key=f"{task}/{name}", columns=table.columns, data=_typed_rows(table))
+
+
+def _typed_rows(table: Table) -> list[list]:
+    """Rows whose columns each hold one type (W&B tables require it): a column with any text becomes text."""
+    columns = list(zip(*table.rows)) if table.rows else []
+    numeric = [all(v is None or isinstance(v, int | float) for v in col) for col in columns]
+    return [[v if numeric[i] else ("" if v is None else str(v)) for i, v in enumerate(row)] for row in table.rows]
