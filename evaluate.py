@@ -1,4 +1,4 @@
-"""Evaluate a model: `python evaluate.py [task=ppl|logiqa2|c3|answers|judge|report|[ppl,c3]] [model_path=..] [hardware=..]`."""
+"""Evaluate a model: `python evaluate.py [task=ppl|logiqa2|c3|answers|judge|report|[ppl,c3]] [model_path=..]`."""
 
 import hydra
 from omegaconf import DictConfig

@@ -44,8 +44,12 @@ def test_logiqa2_en_and_zh_as_distributed():
     assert [i.id for i in zh] == ["1", "2", "3", "4", "5", "6"]
     raw = [json.loads(line) for line in (FIXTURES / "logiqa2-zh-test.txt").read_text().splitlines()]
     assert "id" not in raw[0] and raw[0]["options"][0].startswith("A.")
-    assert zh[0].options == ("小王参加了数学竞赛。", "小王是辅导班的老师。", "小王没有参加数学竞赛。",
-                             "所有参加辅导班的学生都参加了竞赛。")
+    assert zh[0].options == (
+        "小王参加了数学竞赛。",
+        "小王是辅导班的老师。",
+        "小王没有参加数学竞赛。",
+        "所有参加辅导班的学生都参加了竞赛。",
+    )
     assert zh[0].answer == 2 and en[1].answer == 3
     assert all(len(i.options) == 4 for i in en + zh)
     assert zh[0].where.endswith("logiqa2-zh-test.txt:1")
@@ -118,7 +122,7 @@ def test_perplexity_equals_exp_mean_nll_by_hand(lm, tmp_path):
         total["causal_lm"][0] += nll
         total["causal_lm"][1] += n
         total["causal_lm"][2] += len(text)
-        length = len(ids)  # DESIGN: cut uniform in [int(0.2L)+1, int(0.7L)], from the record's own RNG
+        length = len(ids)  # the cut: uniform in [int(0.2L)+1, int(0.7L)], from the record's own RNG
         low = int(0.2 * length) + 1
         pos = min(record_rng(7, "mix", f"{path}:{line}").randint(low, max(low, int(0.7 * length))), length - 1)
         nll, n = _hand_nll(lm.model, ids, pos)
@@ -163,7 +167,9 @@ def _reference_loglik(lm: EvalLM, context: str, option: str) -> float:
 
 def test_loglik_matches_one_at_a_time_and_any_batch_size(export_dir):
     """Catches: padding leaking into scores, wrong slice of continuation logits, order lost after length sorting."""
-    items = load_items("fixtures://c3-d-dev.json", "c3", "t") + load_items("fixtures://logiqa2-en-test.txt", "logiqa2", "t")
+    items = load_items("fixtures://c3-d-dev.json", "c3", "t") + load_items(
+        "fixtures://logiqa2-en-test.txt", "logiqa2", "t"
+    )
     prompt = "{passage}\n问题：{question}\n答案："
     runs = {bs: loglik(load_lm(export_dir, batch_size=bs), items, prompt, " ", None) for bs in (1, 3, 16)}
     ref_lm = load_lm(export_dir, batch_size=1)
@@ -200,7 +206,7 @@ def test_acc_norm_divides_by_option_characters():
     from billa.evaluate.multiple_choice import MCItem
 
     item = MCItem("1", "p", "q", ("ab", "abcdefgh"), 1, "x")
-    (lls, pred, pred_norm), = loglik(_FixedScores([-2.0, -6.0]), [item], "{question}", " ", None)
+    ((lls, pred, pred_norm),) = loglik(_FixedScores([-2.0, -6.0]), [item], "{question}", " ", None)
     assert lls == [-2.0, -6.0] and pred == 0 and pred_norm == 1  # -2/2 = -1 < -6/8 = -0.75
     item = MCItem("1", "p", "q", ("ab", "abcde"), 1, "x")
     assert loglik(_FixedScores([-2.0, -6.0]), [item], "{question}", " ", None)[0][2] == 0  # -1 > -1.2
@@ -229,7 +235,11 @@ def test_generative_letter_extraction(output, n, expected):
 
 def test_generative_and_loglik_do_not_depend_on_batch_size(export_dir):
     """Catches: left padding or position ids wrong in batched generation (answers change with the batch)."""
-    settings = {"instruction": "材料：{passage}\n问题：{question}\n{options}", "template": "dialogue", "max_new_tokens": 6}
+    settings = {
+        "instruction": "材料：{passage}\n问题：{question}\n{options}",
+        "template": "dialogue",
+        "max_new_tokens": 6,
+    }
     files = {"d": "fixtures://c3-d-dev.json"}
     ll = {"prompt": "{passage}\n问题：{question}\n答案：", "delimiter": " "}
     results = [

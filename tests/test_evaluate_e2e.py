@@ -37,8 +37,10 @@ def compose_evaluate(overrides: list[str], output_dir, cache_dir):
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, sample_tokenizer_dir):
     root = tmp_path_factory.mktemp("runs")
-    return root, [make_export(sample_tokenizer_dir, root / "outputs" / "pretrain" / d / "hf", seed=s)
-                  for d, s in (("2026-01-01_00-00-00", 0), ("2026-01-02_00-00-00", 1))]
+    return root, [
+        make_export(sample_tokenizer_dir, root / "outputs" / "pretrain" / d / "hf", seed=s)
+        for d, s in (("2026-01-01_00-00-00", 0), ("2026-01-02_00-00-00", 1))
+    ]
 
 
 @pytest.mark.parametrize("task", sorted(p.stem for p in (CONF / "task").glob("*.yaml")))
@@ -57,7 +59,9 @@ def test_default_tasks_write_json_markdown_and_log_wandb_tables(exports, cache_d
     os.utime(first / "config.json", (time.time() + 5, time.time() + 5))  # the newest export is taken
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "ev"
-    cfg = compose_evaluate([*FAST, f"exports_glob={root}/outputs/*/*/hf", "logger=wandb", "label=first"], out, cache_dir)
+    cfg = compose_evaluate(
+        [*FAST, f"exports_glob={root}/outputs/*/*/hf", "logger=wandb", "label=first"], out, cache_dir
+    )
     result = run(cfg)
     assert result["model_path"] == str(first)
     for task in ("ppl", "logiqa2", "c3"):
@@ -77,8 +81,19 @@ def test_report_compares_two_runs_in_a_png(exports, cache_dir, tmp_path):
     runs = []
     for label, export in (("step-a", first), ("step-b", second)):
         out = tmp_path / label
-        run(compose_evaluate(["task=[ppl,c3]", "task.c3.protocols=[loglik]", f"model_path={export}", f"label={label}",
-                              "logger=none"], out, cache_dir))
+        run(
+            compose_evaluate(
+                [
+                    "task=[ppl,c3]",
+                    "task.c3.protocols=[loglik]",
+                    f"model_path={export}",
+                    f"label={label}",
+                    "logger=none",
+                ],
+                out,
+                cache_dir,
+            )
+        )
         runs.append(str(out))
     out = tmp_path / "report"
     run(compose_evaluate(["task=report", f"task.report.runs=[{runs[0]},{runs[1]}]", "logger=none"], out, cache_dir))
@@ -88,8 +103,10 @@ def test_report_compares_two_runs_in_a_png(exports, cache_dir, tmp_path):
     assert table["columns"] == ["metric", "step-a", "step-b"]
     keys = [row[0] for row in table["rows"]]
     assert "ppl/zh/conditional_generation/bits_per_char" in keys and "c3/d/loglik/acc_norm" in keys
-    a, b = (json.loads((tmp_path / label / "results.json").read_text())["metrics"]["c3"]["d/loglik/acc_norm"]
-            for label in ("step-a", "step-b"))
+    a, b = (
+        json.loads((tmp_path / label / "results.json").read_text())["metrics"]["c3"]["d/loglik/acc_norm"]
+        for label in ("step-a", "step-b")
+    )
     assert table["rows"][keys.index("c3/d/loglik/acc_norm")][1:] == [a, b]
 
 
@@ -108,10 +125,15 @@ def test_answers_then_judge_through_the_config(exports, cache_dir, tmp_path, mon
 
     with OpenAIServer(respond=responder) as server:
         overrides = [
-            "task=[answers,judge]", f"model_path={second}", "model_id=B", *short,
+            "task=[answers,judge]",
+            f"model_path={second}",
+            "model_id=B",
+            *short,
             f"task.judge.answer_files=[{tmp_path}/a/answers.jsonl,{tmp_path}/b/answers.jsonl]",
-            f"task.judge.client.base_url={server.url}", "task.judge.client.api_key_env=BILLA_E2E_KEY",
-            f"task.judge.client.cache_path={tmp_path}/judge-cache.jsonl", "task.judge.client.backoff_s=0.01",
+            f"task.judge.client.base_url={server.url}",
+            "task.judge.client.api_key_env=BILLA_E2E_KEY",
+            f"task.judge.client.cache_path={tmp_path}/judge-cache.jsonl",
+            "task.judge.client.backoff_s=0.01",
         ]
         result = run(compose_evaluate(overrides, tmp_path / "b", cache_dir))
         assert len(server.chat_requests()) == 16  # 8 questions x 2 orders
@@ -127,8 +149,14 @@ def test_answers_then_judge_through_the_config(exports, cache_dir, tmp_path, mon
 
 
 def test_cli_without_an_export_names_model_path(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "logger=none", "task=ppl"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "logger=none", "task=ppl"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
     assert result.returncode != 0
     assert "model_path is not set and no export matches 'outputs/*/*/hf'" in result.stderr
 
@@ -142,8 +170,9 @@ def test_python_evaluate_py_with_no_overrides(exports, cache_dir, tmp_path):
     os.symlink(first, target / "hf")
     env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline"}
     start = time.time()
-    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py")], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     elapsed = time.time() - start
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| zh | conditional_generation |" in result.stdout and "| d | loglik | acc_norm |" in result.stdout

@@ -14,8 +14,16 @@ from .openai_server import OpenAIServer, Reply
 
 KEY = "sk-judge-test-9f8e7d6c5b4a"
 # question_id -> (category as in the question file, score of A, score of B) before the position bonus
-BASE = {1: ("generic", 7, 5), 2: ("generic", 6, 6), 3: ("coding", 8, 4), 4: ("coding", 5, 7),
-        5: ("math", 9, 3), 6: ("math", 4, 8), 7: ("closed qa", 6, 6), 8: ("closed qa", 7, 7)}
+BASE = {
+    1: ("generic", 7, 5),
+    2: ("generic", 6, 6),
+    3: ("coding", 8, 4),
+    4: ("coding", 5, 7),
+    5: ("math", 9, 3),
+    6: ("math", 4, 8),
+    7: ("closed qa", 6, 6),
+    8: ("closed qa", 7, 7),
+}
 BONUS = 1  # the scripted judge favours Assistant 1 by one point, as real judges favour a position
 
 
@@ -23,8 +31,21 @@ def _write_answers(tmp_path):
     files = []
     for side in "AB":
         path = tmp_path / f"answers-{side}.jsonl"
-        path.write_text("".join(json.dumps({"question_id": q, "text": f"answer-{side}-q{q}", "answer_id": f"{side}{q}",
-                                            "model_id": f"model-{side}", "metadata": {}}) + "\n" for q in BASE))
+        path.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "question_id": q,
+                        "text": f"answer-{side}-q{q}",
+                        "answer_id": f"{side}{q}",
+                        "model_id": f"model-{side}",
+                        "metadata": {},
+                    }
+                )
+                + "\n"
+                for q in BASE
+            )
+        )
         files.append(str(path))
     return files
 
@@ -43,8 +64,14 @@ def scripted_judge(messages, body) -> str:
 
 def _client(server: OpenAIServer, cache, **kwargs) -> ChatClient:
     options = dict(max_retries=5, backoff_s=0.01, backoff_max_s=0.2, timeout_s=2.0, seed=0, max_concurrency=4)
-    return ChatClient("gpt-4", base_url=server.url, api_key_env="BILLA_TEST_JUDGE_KEY", cache_path=cache,
-                      params={"temperature": 0.2}, **{**options, **kwargs})
+    return ChatClient(
+        "gpt-4",
+        base_url=server.url,
+        api_key_env="BILLA_TEST_JUDGE_KEY",
+        cache_path=cache,
+        params={"temperature": 0.2},
+        **{**options, **kwargs},
+    )
 
 
 @pytest.fixture
@@ -53,9 +80,9 @@ def key_env(monkeypatch):
 
 
 def _reviewers():
-    from .conftest import CONF
-
     import yaml
+
+    from .conftest import CONF
 
     node = yaml.safe_load((CONF / "task" / "judge.yaml").read_text())["judge"]
     return {"reviewers": node["reviewers"], "category_reviewer": node["category_reviewer"]}
@@ -68,17 +95,31 @@ def _expected(questions):
     b_ab = [BASE[q][2] for q in questions]
     b_ba = [BASE[q][2] + BONUS for q in questions]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    flips = [((BASE[q][1] + BONUS > BASE[q][2]) - (BASE[q][1] + BONUS < BASE[q][2]))
-             != ((BASE[q][1] > BASE[q][2] + BONUS) - (BASE[q][1] < BASE[q][2] + BONUS)) for q in questions]
-    return {"a_ab": mean(a_ab), "a_ba": mean(a_ba), "b_ab": mean(b_ab), "b_ba": mean(b_ba),
-            "a": mean(a_ab + a_ba), "b": mean(b_ab + b_ba), "flip": mean([float(f) for f in flips])}
+    flips = [
+        ((BASE[q][1] + BONUS > BASE[q][2]) - (BASE[q][1] + BONUS < BASE[q][2]))
+        != ((BASE[q][1] > BASE[q][2] + BONUS) - (BASE[q][1] < BASE[q][2] + BONUS))
+        for q in questions
+    ]
+    return {
+        "a_ab": mean(a_ab),
+        "a_ba": mean(a_ba),
+        "b_ab": mean(b_ab),
+        "b_ba": mean(b_ba),
+        "a": mean(a_ab + a_ba),
+        "b": mean(b_ab + b_ba),
+        "flip": mean([float(f) for f in flips]),
+    }
 
 
 def test_both_orders_categories_micro_macro_and_flips(openai_server, key_env, tmp_path):
     """Catches: scores not swapped back for order ba, math parsed with the wrong format, macro = micro."""
     openai_server.respond = scripted_judge
-    result = judge(_client(openai_server, tmp_path / "cache.jsonl"), _write_answers(tmp_path), str(tmp_path / "out"),
-                   **_reviewers())
+    result = judge(
+        _client(openai_server, tmp_path / "cache.jsonl"),
+        _write_answers(tmp_path),
+        str(tmp_path / "out"),
+        **_reviewers(),
+    )
     m = result.metrics
     categories = {"generic": [1, 2], "coding": [3, 4], "math": [5, 6], "closed qa": [7, 8]}
     for category, questions in categories.items():
@@ -112,12 +153,19 @@ def test_malformed_reviews_are_retried_then_flagged_never_zero(openai_server, ke
         return scripted_judge(messages, body)
 
     openai_server.respond = responder
-    result = judge(_client(openai_server, tmp_path / "cache.jsonl"), _write_answers(tmp_path), str(tmp_path / "out"),
-                   attempts=2, **_reviewers())
+    result = judge(
+        _client(openai_server, tmp_path / "cache.jsonl"),
+        _write_answers(tmp_path),
+        str(tmp_path / "out"),
+        attempts=2,
+        **_reviewers(),
+    )
     m = result.metrics
     assert m["flagged"] == 2
     assert sorted((r["question_id"], r["order"], r["status"]) for r in result.details["flagged"]) == [
-        (2, "ab", "unparsable"), (2, "ba", "unparsable")]
+        (2, "ab", "unparsable"),
+        (2, "ba", "unparsable"),
+    ]
     e = _expected([1])
     assert m["generic/a/mean"] == pytest.approx(e["a"]) and m["generic/b/mean"] == pytest.approx(e["b"])
     reviews = [json.loads(line) for line in (tmp_path / "out" / "judge_reviews.jsonl").read_text().splitlines()]
@@ -129,8 +177,9 @@ def test_malformed_reviews_are_retried_then_flagged_never_zero(openai_server, ke
 def test_429s_and_timeouts_lose_nothing_duplicate_nothing_and_rerun_hits_the_cache(openai_server, key_env, tmp_path):
     """Catches: a review lost or written twice after retries; a rerun paying again for answers it already has."""
     openai_server.respond = scripted_judge
-    openai_server.inject(Reply.rate_limited(0.05), Reply.slow(1.0), Reply.server_error(503), Reply.rate_limited(0.02),
-                         Reply.malformed())
+    openai_server.inject(
+        Reply.rate_limited(0.05), Reply.slow(1.0), Reply.server_error(503), Reply.rate_limited(0.02), Reply.malformed()
+    )
     files = _write_answers(tmp_path)
     cache = tmp_path / "cache.jsonl"
     first = judge(_client(openai_server, cache, timeout_s=0.5), files, str(tmp_path / "run1"), **_reviewers())
@@ -142,8 +191,9 @@ def test_429s_and_timeouts_lose_nothing_duplicate_nothing_and_rerun_hits_the_cac
     rerun = judge(_client(openai_server, cache), files, str(tmp_path / "run2"), **_reviewers())
     assert len(openai_server.chat_requests()) == 16 + 5  # nothing sent again
     assert rerun.details["usage"]["cached"] == 16 and rerun.metrics == first.metrics
-    assert (tmp_path / "run2" / "judge_reviews.jsonl").read_text().replace("true", "false") == \
-        (tmp_path / "run1" / "judge_reviews.jsonl").read_text().replace("true", "false")
+    assert (tmp_path / "run2" / "judge_reviews.jsonl").read_text().replace("true", "false") == (
+        tmp_path / "run1" / "judge_reviews.jsonl"
+    ).read_text().replace("true", "false")
     for path in [cache, tmp_path / "run1" / "judge_reviews.jsonl"]:
         assert KEY not in path.read_text()
 

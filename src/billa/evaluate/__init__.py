@@ -34,10 +34,20 @@ def build_lm(cfg: DictConfig) -> EvalLM:
     path = find_export(cfg.get("model_path"), cfg.model.get("pretrained_path"), cfg.exports_glob)
     batch_size = cfg.get("batch_size") or hw.micro_batch_size
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"`batch_size` must be a positive integer (or null: hardware.micro_batch_size), got {batch_size!r}")
+        raise ConfigError(
+            f"`batch_size` must be a positive integer (or null: hardware.micro_batch_size), got {batch_size!r}"
+        )
     name = cfg.get("model_id") or str(path)
-    return load_lm(path, hw.accelerator, hw.devices, str(hw.precision), batch_size, cfg.get("max_length"),
-                   cfg.get("add_bos", True), name)
+    return load_lm(
+        path,
+        hw.accelerator,
+        hw.devices,
+        str(hw.precision),
+        batch_size,
+        cfg.get("max_length"),
+        cfg.get("add_bos", True),
+        name,
+    )
 
 
 def _logger(cfg: DictConfig):

@@ -78,7 +78,9 @@ def _resume(path: Path, chunks: list[list[dict]]) -> set:
     answered = {r.get("question_id") for r in done}
     chunk_of = {q["question_id"]: i for i, chunk in enumerate(chunks) for q in chunk}
     complete = {i for i, chunk in enumerate(chunks) if all(q["question_id"] in answered for q in chunk)}
-    keep = [r for r in done if chunk_of.get(r.get("question_id"), -1) in complete or r.get("question_id") not in chunk_of]
+    keep = [
+        r for r in done if chunk_of.get(r.get("question_id"), -1) in complete or r.get("question_id") not in chunk_of
+    ]
     if done:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
         log.info("%s: %d answers already there, resuming", path, len(keep))
@@ -129,10 +131,18 @@ def answers(
     if budget < max_new_tokens:
         log.warning(
             "answers.max_new_tokens=%d does not fit the model's %d positions after a %d-token prompt: using %d",
-            max_new_tokens, lm.max_length, longest, budget,
+            max_new_tokens,
+            lm.max_length,
+            longest,
+            budget,
         )
-    metadata = {"temperature": temperature if do_sample else 0.0, "top_p": top_p, "max_new_tokens": budget,
-                "prompt_template": HUMAN + "{q}\nAssistant: ", "seed": seed}
+    metadata = {
+        "temperature": temperature if do_sample else 0.0,
+        "top_p": top_p,
+        "max_new_tokens": budget,
+        "prompt_template": HUMAN + "{q}\nAssistant: ",
+        "seed": seed,
+    }
     chunks = [questions[i : i + chunk_size] for i in range(0, len(questions), chunk_size)]
     finished = _resume(path, chunks)
     progress = tqdm(total=len(questions), initial=len(finished), desc="answers", unit="question")
@@ -140,13 +150,22 @@ def answers(
         todo = [q for q in chunk if q["question_id"] not in finished]
         if not todo:
             continue
-        texts = lm.generate([prompts[q["question_id"]] for q in todo], budget, do_sample, temperature, top_p,
-                            seed=seed + index)
-        _append(path, [
-            {"question_id": q["question_id"], "text": text.strip(), "answer_id": answer_id(model_id, q["question_id"], seed),
-             "model_id": model_id, "metadata": metadata}
-            for q, text in zip(todo, texts, strict=True)
-        ])
+        texts = lm.generate(
+            [prompts[q["question_id"]] for q in todo], budget, do_sample, temperature, top_p, seed=seed + index
+        )
+        _append(
+            path,
+            [
+                {
+                    "question_id": q["question_id"],
+                    "text": text.strip(),
+                    "answer_id": answer_id(model_id, q["question_id"], seed),
+                    "model_id": model_id,
+                    "metadata": metadata,
+                }
+                for q, text in zip(todo, texts, strict=True)
+            ],
+        )
         progress.update(len(todo))
     progress.close()
     by_category: dict[str, int] = {}
@@ -162,7 +181,7 @@ def answers(
 
 
 def category_name(category: str) -> str:
-    """Categories compare after Unicode normalisation: ``"closed\\xa0qa"`` (as some files spell it) is ``"closed qa"``."""
+    """Categories compare after Unicode normalisation: ``"closed\\xa0qa"`` (as files spell it) is ``"closed qa"``."""
     import unicodedata
 
     return " ".join(unicodedata.normalize("NFKC", category or "").split()) or "uncategorised"

@@ -150,7 +150,10 @@ def judge(
         if spec.get("score_format", "first_line") not in PARSERS:
             raise ValueError(f"judge.reviewers.{name}.score_format: expected one of {sorted(PARSERS)}")
     questions = load_questions(question_file, "judge.question_file")
-    answers = {side: load_answers(path, f"judge.answer_files[{i}]") for i, (side, path) in enumerate(zip("ab", answer_files))}
+    answers = {
+        side: load_answers(path, f"judge.answer_files[{i}]")
+        for i, (side, path) in enumerate(zip("ab", answer_files, strict=True))
+    }
     for i, side in enumerate("ab"):
         missing = [q["question_id"] for q in questions if q["question_id"] not in answers[side]]
         if missing:
@@ -187,8 +190,12 @@ def _run_reviews(client: ChatClient, reviews: list[Review], reviewers: Mapping, 
 
     results = {}
     for review, outcome in tqdm(client.map_unordered(ask, reviews), total=len(reviews), desc="judge", unit="review"):
-        record = {"question_id": review.question_id, "category": review.category, "order": review.order,
-                  "reviewer": review.reviewer}
+        record = {
+            "question_id": review.question_id,
+            "category": review.category,
+            "order": review.order,
+            "reviewer": review.reviewer,
+        }
         if isinstance(outcome, ContentRejected):
             record.update(status="unparsable", reasons=outcome.reasons, text=outcome.last_text)
         elif isinstance(outcome, ChatFailed):
@@ -200,8 +207,15 @@ def _run_reviews(client: ChatClient, reviews: list[Review], reviewers: Mapping, 
         else:
             first, second = outcome.value
             scores = {"a": first, "b": second} if review.order == "ab" else {"a": second, "b": first}
-            record.update(status="ok", scores=scores, assistant_1=first, assistant_2=second, text=outcome.text,
-                          attempts=outcome.attempts, cached=outcome.cached)
+            record.update(
+                status="ok",
+                scores=scores,
+                assistant_1=first,
+                assistant_2=second,
+                text=outcome.text,
+                attempts=outcome.attempts,
+                cached=outcome.cached,
+            )
         key = (review.question_id, review.order)
         if key in results:
             raise AssertionError(f"review {key} came back twice")
@@ -226,14 +240,38 @@ def summarise(records: list[dict], labels: list[str]) -> TaskResult:
     stats["macro"]["n"] = len(categories)
     flagged = [r for r in records if r["status"] != "ok"]
     a, b = labels
-    columns = ["category", "questions", f"{a} (A first)", f"{a} (B first)", f"{a} mean", f"{b} (A first)",
-               f"{b} (B first)", f"{b} mean", "A/B", "verdict flips", "flagged"]
+    columns = [
+        "category",
+        "questions",
+        f"{a} (A first)",
+        f"{a} (B first)",
+        f"{a} mean",
+        f"{b} (A first)",
+        f"{b} (B first)",
+        f"{b} mean",
+        "A/B",
+        "verdict flips",
+        "flagged",
+    ]
     rows, metrics = [], {}
     for group in [*categories, "micro", "macro"]:
         s = stats[group]
         n_flagged = len([r for r in flagged if r["category"] == group]) if group in categories else len(flagged)
-        rows.append([group, s["n"], s["a_ab"], s["a_ba"], s["a"], s["b_ab"], s["b_ba"], s["b"],
-                     s["a"] / s["b"] if s["b"] else float("nan"), s["flip_rate"], n_flagged])
+        rows.append(
+            [
+                group,
+                s["n"],
+                s["a_ab"],
+                s["a_ba"],
+                s["a"],
+                s["b_ab"],
+                s["b_ba"],
+                s["b"],
+                s["a"] / s["b"] if s["b"] else float("nan"),
+                s["flip_rate"],
+                n_flagged,
+            ]
+        )
         for key in ("a_ab", "a_ba", "b_ab", "b_ba"):
             metrics[f"{group}/{key[0]}/order_{key[2:]}"] = s[key]
         metrics[f"{group}/a/mean"], metrics[f"{group}/b/mean"] = s["a"], s["b"]
@@ -242,8 +280,11 @@ def summarise(records: list[dict], labels: list[str]) -> TaskResult:
     metrics["flagged"] = len(flagged)
     details = {"labels": {"a": a, "b": b}, "flagged": flagged}
     if flagged:
-        log.warning("judge: %d reviews flagged (unparsable or failed), left out of the means: %s", len(flagged),
-                    [(r["question_id"], r["order"], r["status"]) for r in flagged[:10]])
+        log.warning(
+            "judge: %d reviews flagged (unparsable or failed), left out of the means: %s",
+            len(flagged),
+            [(r["question_id"], r["order"], r["status"]) for r in flagged[:10]],
+        )
     return TaskResult(metrics=metrics, tables={"pairwise": Table(columns, rows)}, details=details)
 
 

@@ -24,7 +24,7 @@ from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-PRECISION_DTYPES = {  # hardware.precision -> weights dtype for inference (no optimizer: "mixed" = weights in that dtype)
+PRECISION_DTYPES = {  # hardware.precision -> weights dtype for inference ("mixed": weights in that dtype)
     "32-true": torch.float32,
     "32": torch.float32,
     "bf16-mixed": torch.bfloat16,
@@ -225,7 +225,9 @@ class EvalLM:
             raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {self.max_length}")
         truncated = sum(len(e) > room for e in encoded)
         if truncated:
-            log.warning("%d of %d prompts were longer than %d tokens: kept their last tokens", truncated, len(encoded), room)
+            log.warning(
+                "%d of %d prompts were longer than %d tokens: kept their last tokens", truncated, len(encoded), room
+            )
         encoded = [e[-room:] for e in encoded]
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
         out: list = [None] * len(encoded)

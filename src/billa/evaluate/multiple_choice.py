@@ -1,10 +1,10 @@
-"""Multiple choice: LogiQA 2.0 and C3 as distributed, scored two ways (DESIGN.md §7).
+"""Multiple choice: LogiQA 2.0 and C3 as distributed, scored two ways.
 
 - ``generative``: a zero-shot Chinese instruction with lettered options (through the dialogue template by default),
   greedy decoding up to 64 new tokens, and the first standalone letter A-D of the output is the answer (BiLLa's
   protocol behind LogiQA-v2 32.74, C3-d 56.08, C3-m 64.69).
-- ``loglik``: sum of log P(" " + option | prompt) per option, as lm-evaluation-harness scores it (``EvalLM.loglikelihood``):
-  ``acc`` takes the highest sum, ``acc_norm`` the highest sum per character of the option.
+- ``loglik``: sum of log P(" " + option | prompt) per option, scored as lm-evaluation-harness does
+  (``EvalLM.loglikelihood``): ``acc`` takes the highest sum, ``acc_norm`` the highest sum per character of the option.
 
 Loaders read the files users download: LogiQA 2.0 JSON Lines (``.txt``; en with ``id`` and ``type``, zh with
 ``example_id`` and options prefixed "A." ...) and C3's ``c3-{d,m}-{dev,test}.json`` (a JSON array of
@@ -70,7 +70,7 @@ def _check_options(options: object, where: str) -> list[str]:
 
 
 def _logiqa2(raw: object, where: str) -> Iterator[MCItem]:
-    """A LogiQA 2.0 line: en ``{id, answer, text, question, options, type}``, zh ``{example_id, ...}`` ("A." options)."""
+    """A LogiQA 2.0 line: en ``{id, answer, text, question, options, type}``, zh ``{example_id, ...}``, "A." options."""
     if not isinstance(raw, dict):
         raise DataFormatError(f"{where}: expected a JSON object (LogiQA 2.0 line), got {type(raw).__name__}")
     missing = [k for k in ("answer", "text", "question", "options") if k not in raw]
@@ -108,7 +108,9 @@ def _c3(raw: object, where: str) -> Iterator[MCItem]:
         options = _check_options(q["choice"], at)
         if q["answer"] not in options:
             raise DataFormatError(f"{at}: answer {q['answer']!r} is not one of the choices {options}")
-        yield MCItem(f"{doc_id}-{k}", "\n".join(paragraphs), q["question"], tuple(options), options.index(q["answer"]), at)
+        yield MCItem(
+            f"{doc_id}-{k}", "\n".join(paragraphs), q["question"], tuple(options), options.index(q["answer"]), at
+        )
 
 
 LOADERS: dict[str, Callable[[object, str], Iterator[MCItem]]] = {"logiqa2": _logiqa2, "c3": _c3}
@@ -216,8 +218,14 @@ def multiple_choice(
         per_item = [{"id": it.id, "where": it.where, "answer": LETTERS[it.answer]} for it in items]
         if "generative" in protocols:
             instruction = _pick(gen["instruction"], subset, f"{task}.generative_settings.instruction")
-            answers = generative(lm, items, instruction, gen.get("template", "dialogue"),
-                                 gen.get("max_new_tokens", 64), f"{task} {subset} generative")
+            answers = generative(
+                lm,
+                items,
+                instruction,
+                gen.get("template", "dialogue"),
+                gen.get("max_new_tokens", 64),
+                f"{task} {subset} generative",
+            )
             correct = [pred == it.answer for (_, pred), it in zip(answers, items, strict=True)]
             unparsed = sum(pred is None for _, pred in answers)
             metrics[f"{subset}/generative/acc"] = float(np.mean(correct))
@@ -231,7 +239,10 @@ def multiple_choice(
             acc = float(np.mean([p == it.answer for (_, p, _), it in zip(scored, items, strict=True)]))
             acc_norm = float(np.mean([p == it.answer for (_, _, p), it in zip(scored, items, strict=True)]))
             metrics[f"{subset}/loglik/acc"], metrics[f"{subset}/loglik/acc_norm"] = acc, acc_norm
-            rows += [[subset, "loglik", "acc", len(items), acc, None], [subset, "loglik", "acc_norm", len(items), acc_norm, None]]
+            rows += [
+                [subset, "loglik", "acc", len(items), acc, None],
+                [subset, "loglik", "acc_norm", len(items), acc_norm, None],
+            ]
             for record, (lls, pred, pred_norm) in zip(per_item, scored, strict=True):
                 record.update(loglik=lls, loglik_pred=LETTERS[pred], loglik_pred_norm=LETTERS[pred_norm])
         details.extend({"subset": subset, **r} for r in per_item)

@@ -1,4 +1,4 @@
-"""Perplexity and bits per character on jsonl/JSON corpora, per source and per language (DESIGN.md §7).
+"""Perplexity and bits per character on jsonl/JSON corpora, per source and per language.
 
 Two objectives, both the training code's own (``billa.data.objectives``):
 

@@ -14,8 +14,12 @@ from billa.utils.logging import get_logger
 log = get_logger(__name__)
 
 RESULTS_FILE = "results.json"  # written by billa.evaluate.run into every evaluation output directory
-DEFAULT_METRICS = ("ppl/*/conditional_generation/bits_per_char", "*/loglik/acc_norm", "*/generative/acc",
-                   "judge/*/mean")
+DEFAULT_METRICS = (
+    "ppl/*/conditional_generation/bits_per_char",
+    "*/loglik/acc_norm",
+    "*/generative/acc",
+    "judge/*/mean",
+)
 
 
 def _load_run(path: str) -> dict:
@@ -24,7 +28,11 @@ def _load_run(path: str) -> dict:
         raise FileNotFoundError(f"report.runs: {path} has no {RESULTS_FILE} (is it an evaluate.py output directory?)")
     data = json.loads(file.read_text(encoding="utf-8"))
     flat = {f"{task}/{k}": v for task, metrics in data.get("metrics", {}).items() for k, v in metrics.items()}
-    return {"label": data.get("label") or data.get("model_id") or file.parent.name, "dir": str(file.parent), "metrics": flat}
+    return {
+        "label": data.get("label") or data.get("model_id") or file.parent.name,
+        "dir": str(file.parent),
+        "metrics": flat,
+    }
 
 
 def report(
@@ -47,8 +55,10 @@ def report(
         chart: the PNG file name.
     """
     if not runs:
-        runs = sorted((p for p in glob.glob(runs_glob) if Path(p, RESULTS_FILE).is_file()),
-                      key=lambda p: Path(p, RESULTS_FILE).stat().st_mtime)
+        runs = sorted(
+            (p for p in glob.glob(runs_glob) if Path(p, RESULTS_FILE).is_file()),
+            key=lambda p: Path(p, RESULTS_FILE).stat().st_mtime,
+        )
         runs = [p for p in runs if Path(p).resolve() != Path(output_dir).resolve()]
     if not runs:
         raise FileNotFoundError(f"report.runs is empty and no directory matching {runs_glob!r} has {RESULTS_FILE}")

@@ -82,6 +82,6 @@ def log_result(logger, task: str, result: TaskResult) -> None:
 
 def _typed_rows(table: Table) -> list[list]:
     """Rows whose columns each hold one type (W&B tables require it): a column with any text becomes text."""
-    columns = list(zip(*table.rows)) if table.rows else []
+    columns = list(zip(*table.rows, strict=True)) if table.rows else []
     numeric = [all(v is None or isinstance(v, int | float) for v in col) for col in columns]
     return [[v if numeric[i] else ("" if v is None else str(v)) for i, v in enumerate(row)] for row in table.rows]
