@@ -9,6 +9,7 @@ is small; every result is returned in input order and does not depend on the bat
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class EvalLM:
         add_bos: start every sequence with BOS (how billa trains; lm-evaluation-harness ``add_bos_token=True``).
         name: the model id written into outputs (directory name by default).
         path: the model directory.
+        share_prefix: score the options of a question from one pass over their shared context (KV cache).
     """
 
     model: torch.nn.Module
@@ -101,6 +103,7 @@ class EvalLM:
     add_bos: bool = True
     name: str = "model"
     path: str = ""
+    share_prefix: bool = True
 
     @property
     def pad_id(self) -> int:
@@ -187,7 +190,36 @@ class EvalLM:
     def loglikelihood_tokens(
         self, pairs: Sequence[tuple[list[int], list[int]]], desc: str | None = None
     ) -> list[tuple[float, bool]]:
-        """``loglikelihood`` on already encoded (context_ids, continuation_ids) pairs."""
+        """``loglikelihood`` on already encoded (context_ids, continuation_ids) pairs.
+
+        With ``share_prefix`` the options of one question are scored from one pass over their common context: its
+        key/value cache is reused for every continuation (the same tokens and positions, so the same scores up to
+        float rounding, at a fraction of the FLOPs). Pairs that lm-evaluation-harness would left-truncate take the
+        plain path.
+        """
+        out: list = [None] * len(pairs)
+        fits = [len(ctx) + len(cont) <= self.max_length + 1 and len(ctx) > 0 for ctx, cont in pairs]
+        plain = [i for i in range(len(pairs)) if not (self.share_prefix and fits[i])]
+        if plain:
+            for i, result in zip(plain, self._loglikelihood_plain([pairs[i] for i in plain], desc), strict=True):
+                out[i] = result
+        groups: dict[tuple, list[int]] = {}
+        for i in range(len(pairs)):
+            if self.share_prefix and fits[i]:
+                groups.setdefault(tuple(pairs[i][0]), []).append(i)
+        for chunk in self._group_batches(groups, desc):
+            for i, result in self._loglikelihood_shared(chunk, pairs):
+                out[i] = result
+        return out
+
+    def _score(self, logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+        """Sum of log-probabilities of ``cont`` under ``logits`` (C, V) and whether each token is the argmax."""
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (C, V)
+        target = torch.as_tensor(cont, device=logprobs.device)
+        return float(logprobs.gather(1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
+
+    def _loglikelihood_plain(self, pairs: Sequence[tuple[list[int], list[int]]], desc: str | None):
+        """lm-evaluation-harness's own layout: one right-padded row per pair, longest first."""
         inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for ctx, cont in pairs]
         order = sorted(range(len(pairs)), key=lambda i: (-len(inputs[i]), i))
         out: list = [None] * len(pairs)
@@ -195,12 +227,51 @@ class EvalLM:
             ids, mask = self._right_padded([inputs[i] for i in chunk])
             logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
             for row, i in enumerate(chunk):
-                cont = pairs[i][1]
-                end = len(inputs[i])
-                logprobs = F.log_softmax(logits[row, end - len(cont) : end].float(), dim=-1)  # (C, V)
-                target = torch.as_tensor(cont, device=logprobs.device)
-                greedy = bool((logprobs.argmax(-1) == target).all())
-                out[i] = (float(logprobs.gather(1, target[:, None]).sum()), greedy)
+                cont, end = pairs[i][1], len(inputs[i])
+                out[i] = self._score(logits[row, end - len(cont) : end], cont)
+        return out
+
+    def _group_batches(self, groups: dict[tuple, list[int]], desc: str | None) -> Iterator[list[tuple]]:
+        """Groups (context, pair indices), longest context first, packed so a batch holds <= batch_size options."""
+        ordered = sorted(groups.items(), key=lambda kv: (-len(kv[0]), kv[1][0]))
+        progress = tqdm(total=sum(len(v) for v in groups.values()), desc=desc, unit="option", disable=desc is None)
+        chunk: list[tuple] = []
+        for group in ordered:
+            if chunk and sum(len(g[1]) for g in chunk) + len(group[1]) > self.batch_size:
+                yield chunk
+                progress.update(sum(len(g[1]) for g in chunk))
+                chunk = []
+            chunk.append(group)
+        if chunk:
+            yield chunk
+            progress.update(sum(len(g[1]) for g in chunk))
+        progress.close()
+
+    def _loglikelihood_shared(self, chunk: list[tuple], pairs) -> list[tuple[int, tuple[float, bool]]]:
+        """One forward over the chunk's contexts (with cache), one over all their continuations (minus last token)."""
+        contexts = [list(context) for context, _ in chunk]
+        ctx_ids, ctx_mask = self._right_padded(contexts)  # (G, Tc)
+        first = self.model(input_ids=ctx_ids, attention_mask=ctx_mask, use_cache=True)
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        rows = [(g, i) for g, (_, members) in enumerate(chunk) for i in members]  # one row per option
+        tails = [pairs[i][1][:-1] for _, i in rows]  # the continuation's tokens that are inputs
+        out = []
+        if any(tails):
+            cache = getattr(first, "cache", None) or first.past_key_values  # transformers >= 5.2x calls it `cache`
+            cache.batch_select_indices(torch.tensor([g for g, _ in rows], device=self.device))  # (R, ...) per option
+            tail_ids, tail_mask = self._right_padded([t or [self.pad_id] for t in tails])  # (R, Tk)
+            tail_mask[[r for r, t in enumerate(tails) if not t]] = 0
+            starts = torch.tensor([len(contexts[g]) for g, _ in rows], device=self.device)
+            positions = starts[:, None] + torch.arange(tail_ids.shape[1], device=self.device)[None, :]  # (R, Tk)
+            mask = torch.cat([ctx_mask[[g for g, _ in rows]], tail_mask], dim=1)  # (R, Tc + Tk)
+            logits = self.model(
+                input_ids=tail_ids, attention_mask=mask, position_ids=positions, **{cache_arg: cache}
+            ).logits  # (R, Tk, V)
+        for r, (g, i) in enumerate(rows):
+            cont = pairs[i][1]
+            last_ctx = first.logits[g, len(contexts[g]) - 1 : len(contexts[g])]  # predicts the first option token
+            both = torch.cat([last_ctx, logits[r, : len(cont) - 1]]) if len(cont) > 1 else last_ctx  # (C, V)
+            out.append((i, self._score(both, cont)))
         return out
 
     @torch.no_grad()
