@@ -172,6 +172,9 @@ def test_loglik_matches_one_at_a_time_and_any_batch_size(export_dir):
     )
     prompt = "{passage}\n问题：{question}\n答案："
     runs = {bs: loglik(load_lm(export_dir, batch_size=bs), items, prompt, " ", None) for bs in (1, 3, 16)}
+    plain = load_lm(export_dir, batch_size=16)
+    plain.share_prefix = False  # lm-evaluation-harness's layout: one row per (prompt, option), no shared cache
+    runs["plain"] = loglik(plain, items, prompt, " ", None)
     ref_lm = load_lm(export_dir, batch_size=1)
     for k, item in enumerate(items):
         context = prompt.format(passage=item.passage, question=item.question, options="")
@@ -189,6 +192,19 @@ def test_continuation_tokens_come_from_the_joint_encoding(lm):
     assert ctx + cont == whole
     assert cont != lm.encode(" " + option, bos=False)  # the trap the joint encoding avoids
     assert lm.encode_pair(context + " ", option) == (ctx, cont)  # a trailing space moves to the continuation
+
+
+def test_long_prompts_are_left_truncated_as_lm_eval_does(export_dir):
+    """Catches: a prompt longer than the model's context crashing or being cut from the wrong end."""
+    lm = load_lm(export_dir, batch_size=4, max_length=24)
+    context, option = "A long passage about the weather. " * 12 + "Answer:", " To the lake."
+    ctx, cont = lm.encode_pair(context, option)
+    inputs = (ctx + cont)[-(24 + 1) :][:-1]  # lm-evaluation-harness keeps the last max_length tokens
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([inputs])).logits[0]
+    reference = float(F.log_softmax(logits[-len(cont) :], dim=-1).gather(1, torch.tensor(cont)[:, None]).sum())
+    assert len(ctx) > 24
+    assert lm.loglikelihood([(context, option)])[0][0] == pytest.approx(reference, abs=1e-4)
 
 
 class _FixedScores:

@@ -251,14 +251,18 @@ class EvalLM:
         """One forward over the chunk's contexts (with cache), one over all their continuations (minus last token)."""
         contexts = [list(context) for context, _ in chunk]
         ctx_ids, ctx_mask = self._right_padded(contexts)  # (G, Tc)
-        first = self.model(input_ids=ctx_ids, attention_mask=ctx_mask, use_cache=True)
+        last = sorted({len(c) - 1 for c in contexts})  # only each context's last position predicts an option token
+        first = self.model(
+            input_ids=ctx_ids, attention_mask=ctx_mask, use_cache=True, logits_to_keep=torch.tensor(last)
+        )  # logits (G, len(last), V): not (G, Tc, V), which for a 7B model's vocabulary would be gigabytes
         cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         rows = [(g, i) for g, (_, members) in enumerate(chunk) for i in members]  # one row per option
         tails = [pairs[i][1][:-1] for _, i in rows]  # the continuation's tokens that are inputs
         out = []
         if any(tails):
             cache = getattr(first, "cache", None) or first.past_key_values  # transformers >= 5.2x calls it `cache`
-            cache.batch_select_indices(torch.tensor([g for g, _ in rows], device=self.device))  # (R, ...) per option
+            cache.batch_select_indices(torch.tensor([g for g, _ in rows]))  # (R, ...): one cache row per option
+            # (CPU indices: with the model split over GPUs, the cache's layers live on different devices)
             tail_ids, tail_mask = self._right_padded([t or [self.pad_id] for t in tails])  # (R, Tk)
             tail_mask[[r for r, t in enumerate(tails) if not t]] = 0
             starts = torch.tensor([len(contexts[g]) for g, _ in rows], device=self.device)
@@ -269,7 +273,8 @@ class EvalLM:
             ).logits  # (R, Tk, V)
         for r, (g, i) in enumerate(rows):
             cont = pairs[i][1]
-            last_ctx = first.logits[g, len(contexts[g]) - 1 : len(contexts[g])]  # predicts the first option token
+            at = last.index(len(contexts[g]) - 1)
+            last_ctx = first.logits[g, at : at + 1]  # (1, V): predicts the option's first token
             both = torch.cat([last_ctx, logits[r, : len(cont) - 1]]) if len(cont) > 1 else last_ctx  # (C, V)
             out.append((i, self._score(both, cont)))
         return out
