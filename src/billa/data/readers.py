@@ -181,6 +181,14 @@ def _raw_records(path: str) -> Iterator[tuple[int, object]]:
         raise DataFormatError(f"{path}: unsupported file type (expected .jsonl, .json, .jsonl.zst, .parquet, .txt)")
 
 
+def raw_records(path: str) -> Iterator[tuple[int, object]]:
+    """(line, parsed JSON value) of one file or ``hf://`` dataset, with no record format applied.
+
+    A line that is not valid JSON comes back as the ``DataFormatError`` naming it; raise or count it.
+    """
+    yield from _raw_records(path)
+
+
 def _need(raw: object, keys: tuple[str, ...], where: str, fmt: str) -> dict:
     if not isinstance(raw, dict):
         raise DataFormatError(f"{where}: expected a JSON object ({fmt} format), got {type(raw).__name__}")
