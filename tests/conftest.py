@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,66 @@ def tiny_parameter_count(tokenizer_dir: str) -> int:
 
     cfg = compose_train([])
     return count_parameters(cfg.model.architecture, len(AutoTokenizer.from_pretrained(tokenizer_dir)))
+
+
+# The schedule every run of the equivalence matrix shares (tests/test_equivalence.py, tests/test_zero3.py): the tiny
+# model, global batch 16, 8 optimizer steps, validation at steps 0, 4 and 8, a checkpoint every 4 steps.
+SHORT_RUN = [
+    "logger=csv",
+    "trainer.max_steps=8",
+    "val_every_n_steps=4",
+    "checkpoint.every_n_steps=4",
+    "trainer.log_every_n_steps=1",
+    "scheduler.warmup_steps=1",
+    "data.val_max_records=8",
+    "trainer.enable_progress_bar=false",
+]
+ZERO3 = ["hardware=cpu_zero3"]  # 2 processes over gloo, the real DeepSpeed ZeRO-3 engine
+
+
+def train_cli(run_dir: Path, cache_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``python train.py <SHORT_RUN> <overrides>`` in a subprocess, as a user runs it (needed for several ranks)."""
+    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "train.py", *SHORT_RUN, f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_in_process(run_dir: Path, cache_dir: Path, *overrides: str) -> dict:
+    """``billa.train.run`` on ``SHORT_RUN + overrides`` in this process (one rank only)."""
+    from billa.train import run
+
+    return run(compose_train([*SHORT_RUN, *overrides], output_dir=run_dir, cache=cache_dir))
+
+
+def logged(run_dir: Path, metric: str) -> dict[int, float]:
+    """``metric`` per logged step from every CSV version of the run (a resumed run appends a version).
+
+    Lightning's CSV ``step`` of a training metric is the optimizer step it belongs to minus one; validation after
+    step N is logged at N - 1 as well, the step-0 baseline at 0.
+    """
+    out = {}
+    for path in sorted((run_dir / "csv").rglob("metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get(metric):
+                out[int(row["step"])] = float(row[metric])
+    return out
+
+
+@pytest.fixture(scope="session")
+def zero3_accumulation_run(tmp_path_factory, cache_dir, sample_tokenizer_dir) -> Path:
+    """2 ranks x micro batch 4 x accumulation 2 under ZeRO-3 (run D of the equivalence matrix; test_zero3's run).
+
+    Checkpoints after steps 4 and 8, of which ``checkpoint.keep_last=1`` keeps the last.
+    """
+    run_dir = tmp_path_factory.mktemp("zero3-D")
+    train_cli(run_dir, cache_dir, *ZERO3, "hardware.micro_batch_size=4", "checkpoint.keep_last=1")
+    return run_dir

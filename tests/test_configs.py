@@ -98,6 +98,27 @@ def test_loggers_instantiate(compose, tmp_path, logger, monkeypatch):
     assert obj.save_dir == str(tmp_path)
 
 
+def test_wandb_mode_environment_wins_over_config_and_login(monkeypatch, tmp_path):
+    """README: online when W&B is configured, offline otherwise, and ``WANDB_MODE`` wins over both."""
+    from billa.utils.loggers import wandb_logger
+
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):  # restored after the test
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+    def mode(config_mode=None) -> str:
+        return wandb_logger("billa", "test", str(tmp_path), mode=config_mode)._wandb_init["mode"]
+
+    assert mode() == "offline"  # not configured
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert mode() == "online"  # configured
+    assert mode("offline") == "offline"  # logger.mode wins over the login
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert mode() == "disabled" and mode("online") == "disabled"  # the environment wins over both
+
+
 def test_tiny_model_tokenizer_and_sample_data_instantiate(compose, cache_dir, sample_tokenizer_dir):
     cfg = compose([], cache=cache_dir)
     assert instantiate(cfg.model.tokenizer) == sample_tokenizer_dir
@@ -146,7 +167,7 @@ def test_convert_ops_compose(op):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("convert", overrides=[f"op={op}", "op.out_dir=/tmp/x", "+op.unused=1"])
+        cfg = hydra_compose("convert", overrides=[f"op={op}", "++op.out_dir=/tmp/x", "+op.unused=1"])
     assert cfg.op._target_.startswith("billa.")
     target = instantiate({"_target_": "hydra.utils.get_method", "path": cfg.op._target_})
     assert callable(target)

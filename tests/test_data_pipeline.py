@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,6 +136,22 @@ def test_mix_is_exact_in_every_micro_batch_across_ranks():
             assert lm == 10 and len(batch) - lm == 10
 
 
+def test_mix_is_exact_in_every_global_batch_when_the_micro_batch_is_not_a_multiple_of_the_cycle():
+    """Cycle 10 (4:4:2), micro batch 2 x 2 ranks x accumulation 5 = global batch 20: no micro batch can hold the
+    ratio, but the 10 micro batches of every optimizer step together hold exactly 8 zh, 8 en, 4 translate."""
+    weights = {"zh": 4, "en": 4, "translate": 2}
+    sources = {name: _examples(k, 11 + k) for k, name in enumerate(weights)}
+    data = MixedDataset(sources, weights, num_samples=20 * 6, seed=0)
+    per_rank = []
+    for rank in range(2):
+        loader = DataLoader(data, batch_size=2, sampler=StreamSampler(len(data), rank, 2, block=2), collate_fn=list)
+        per_rank.append([[item["source"] for item in batch] for batch in loader])
+    assert len(per_rank[0]) == 6 * 5
+    for step in range(6):
+        counts = Counter(s for rank in per_rank for batch in rank[5 * step : 5 * step + 5] for s in batch)
+        assert counts == {"zh": 8, "en": 8, "translate": 4}, (step, counts)
+
+
 class _Indices(Dataset):
     def __len__(self):
         return 200
@@ -167,37 +184,69 @@ def datamodule_factory(sample_corpus, sample_tokenizer_dir, tmp_path_factory):
         },
     }
 
-    def make(resume_samples: int = 0, num_workers: int = 0) -> BillaDataModule:
+    def make(resume_samples: int = 0, num_workers: int = 0, trainer=None) -> BillaDataModule:
+        micro, global_batch = (3, 12) if trainer is not None else (6, 6)  # with a trainer: 2 ranks x 3 x 2 acc.
         dm = BillaDataModule(
             sources,
             {"zh": 2, "translate": 1},
             {"text": "conditional_generation", "translation": "translation"},
             sample_tokenizer_dir,
             max_seq_length=64,
-            micro_batch_size=6,
-            global_batch_size=6,
-            num_samples=6 * 20,
+            micro_batch_size=micro,
+            global_batch_size=global_batch,
+            num_samples=global_batch * (10 if trainer is not None else 20),
             seed=3,
             token_cache_dir=str(cache),
             num_workers=num_workers,
         )
+        dm.trainer = trainer
         dm.prepare_data()
         dm.setup("fit")
-        dm.load_state_dict({"consumed_samples": resume_samples, "seed": 3})
+        if trainer is None:
+            dm.load_state_dict({"consumed_samples": resume_samples, "seed": 3})
         return dm
 
     return make
 
 
 def test_resume_gives_identical_batches(datamodule_factory):
-    full = list(datamodule_factory().train_dataloader())
-    assert len(full) == 20
-    resumed = list(datamodule_factory(resume_samples=6 * 7).train_dataloader())
-    assert len(resumed) == 13
-    for a, b in zip(full[7:], resumed, strict=True):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
-        assert a["source"] == b["source"]
-    assert Counter(full[0]["source"]) == {"zh": 4, "translate": 2}
+    """Resume through the checkpoint path: ``state_dict()`` after step k, ``load_state_dict()`` in a new datamodule.
+
+    2 ranks x micro batch 3 x accumulation 2 = global batch 12: after k optimizer steps each rank resumes at its
+    micro batch 2k. Catches a resume position that forgets accumulation or ranks (k x micro x ranks), and a
+    ``state_dict`` that does not follow the trainer's step.
+    """
+    steps_done, accumulation = 4, 2
+    for rank in range(2):
+        trainer = SimpleNamespace(global_step=0, global_rank=rank, world_size=2)
+        full = list(datamodule_factory(trainer=trainer).train_dataloader())
+        assert len(full) == 10 * accumulation  # 10 optimizer steps of 2 micro batches per rank
+        trainer.global_step = steps_done  # what a checkpoint written after step 4 records
+        state = datamodule_factory(trainer=trainer).state_dict()
+        resumed_dm = datamodule_factory(trainer=SimpleNamespace(global_step=steps_done, global_rank=rank, world_size=2))
+        resumed_dm.load_state_dict(state)
+        resumed = list(resumed_dm.train_dataloader())
+        assert len(resumed) == len(full) - steps_done * accumulation
+        for a, b in zip(full[steps_done * accumulation :], resumed, strict=True):
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+            assert a["source"] == b["source"] and a["step_label_tokens"] == b["step_label_tokens"]
+
+
+def test_every_micro_batch_knows_the_label_tokens_of_its_whole_step(datamodule_factory):
+    """``step_label_tokens`` of a micro batch = label tokens of all micro batches of its step on all ranks.
+
+    The loss of each micro batch is divided by it (a token mean over the global batch). Catches a total over one
+    rank's or one micro batch's samples, or over a misaligned window of the stream.
+    """
+    loaders = [
+        list(datamodule_factory(trainer=SimpleNamespace(global_step=0, global_rank=r, world_size=2)).train_dataloader())
+        for r in range(2)
+    ]
+    for step in range(10):
+        micro = [batch for rank in loaders for batch in rank[2 * step : 2 * step + 2]]  # 2 ranks x 2 accumulation
+        counted = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        assert {b["step_label_tokens"] for b in micro} == {counted}
+        assert sum(len(b["source"]) for b in micro) == 12
 
 
 def test_packing_matches_separate_samples():

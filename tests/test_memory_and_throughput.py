@@ -67,6 +67,14 @@ def test_7b_on_one_a100_stops_with_a_clear_message(compose):
     check_memory(cfg, plan_batch(cfg), 46_943)  # fits
 
 
+def test_memory_check_false_lets_a_plan_that_does_not_fit_start(compose, caplog):
+    """README: ``memory_check=false`` overrides the stop; the plan is still computed and logged."""
+    cfg = compose(["model=llama-7b", "hardware=1xa100", "data=billa", "memory_check=false"])
+    with caplog.at_level("INFO", logger="billa"):
+        check_memory(cfg, plan_batch(cfg), 46_943)  # no ConfigError
+    assert "Memory plan: 6,860,828,672 parameters, no ZeRO over 1 ranks" in caplog.text
+
+
 def test_offload_hardware_uses_deepspeed_cpu_adam(compose):
     node = optimizer_config(compose(["hardware=8xa100-offload", "data=billa"]))
     assert node["_target_"] == "deepspeed.ops.adam.DeepSpeedCPUAdam" and node["adamw_mode"] is True

@@ -47,6 +47,10 @@ def test_loss_and_gradients_equal_hf_loss_with_masked_labels():
 
 
 def test_batch_without_targets_is_zero_not_nan():
+    """A micro batch whose labels are all -100 (possible after truncation) adds nothing and breaks nothing.
+
+    Under ZeRO-3 every rank must run backward through every parameter; the gradients must be zero, not missing/NaN.
+    """
     module = _module()
     input_ids = torch.randint(3, 97, (2, 6))
     batch = {
@@ -56,4 +60,71 @@ def test_batch_without_targets_is_zero_not_nan():
     }
     loss = module.model_step(batch)
     assert loss.item() == 0.0
-    loss.backward()  # the graph is intact
+    loss.backward()
+    grads = {name: p.grad for name, p in module.model.named_parameters()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+def test_packed_rows_give_each_sample_the_loss_it_has_alone():
+    """BillaLM's loss on packed rows (PackCollator) equals the loss of the same samples one per padded row.
+
+    Labels include each sample's first token (a causal-LM sample), so a packed row would otherwise train the model to
+    predict a sample's first token from the previous sample. Catches packing without its label masking (more label
+    tokens, another loss), and ``token_nll`` ignoring the packed 4D mask or the restarting positions (attention across
+    samples changes every sample but the first).
+    """
+    from billa.data.collate import PackCollator, PadCollator
+
+    module = _module()
+    module.model.eval()
+    g = torch.Generator().manual_seed(2)
+    items = []
+    for n in (5, 9, 3, 12, 7):
+        ids = [1, *torch.randint(3, 97, (n - 1,), generator=g).tolist()]
+        items.append({"input_ids": ids, "labels": list(ids), "source": "en"})  # every token labelled, BOS too
+    packed = PackCollator(pad_id=0, max_len=16)(items)
+    padded = PadCollator(pad_id=0)(items)
+    assert packed["input_ids"].shape[0] == 3 < len(items)  # 12+3, 9+5, 7: really packed
+    with torch.no_grad():
+        nll_packed, _ = module.token_nll(packed)
+        nll_padded, rows = module.token_nll(padded)
+    assert nll_packed.shape == nll_padded.shape == (sum(len(i["input_ids"]) - 1 for i in items),)
+    torch.testing.assert_close(nll_packed.sum(), nll_padded.sum(), rtol=1e-5, atol=1e-5)
+    # per sample: the padded rows' sums are the samples' own losses; the packed losses are a permutation of them
+    per_sample = torch.zeros(len(items)).index_add_(0, rows, nll_padded)
+    torch.testing.assert_close(nll_packed.sort().values, nll_padded.sort().values, rtol=1e-5, atol=1e-5)
+    assert per_sample.min() > 0
+
+
+def test_training_loss_is_normalised_by_the_steps_label_tokens():
+    """training_step returns the micro batch's NLL sum / (step label tokens / (ranks x accumulation)).
+
+    Two micro batches of very different label counts (accumulation 2): after Lightning's division by 2 their
+    gradients add up to the gradient of the token mean over both. Catches a per-micro-batch mean, which weights a
+    token of the short micro batch 4.5x more.
+    """
+    from types import SimpleNamespace
+
+    module = _module()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 97, (4, 10), generator=g)
+    labels = ids.clone()
+    labels[:2, :8] = -100  # rows 0-1: 2 label tokens each after the shift ...
+    whole = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    first = {k: v[:2] for k, v in whole.items()}  # ... 4 label tokens in micro batch 1
+    second = {k: v[2:] for k, v in whole.items()}  # 18 in micro batch 2
+    step_tokens = int((labels[:, 1:] != -100).sum())
+    assert step_tokens == 22
+
+    trainer = SimpleNamespace(
+        world_size=1, accumulate_grad_batches=2, fit_loop=SimpleNamespace(_should_accumulate=lambda: True)
+    )
+    module._trainer = trainer
+    for micro in (first, second):
+        (module.training_step({**micro, "step_label_tokens": step_tokens}, 0) / 2).backward()  # Lightning's / acc
+    accumulated = module.model.lm_head.weight.grad.clone()
+    module.model.zero_grad()
+    module._trainer = None
+    module.model_step(whole).backward()  # the token mean of the whole step in one batch
+    torch.testing.assert_close(accumulated, module.model.lm_head.weight.grad, rtol=1e-5, atol=1e-7)

@@ -20,6 +20,7 @@ from .conftest import ROOT, compose_train
 
 QUICK = [  # every stage: a few steps, small validation, CSV metrics
     "logger=csv",
+    "pipeline.evaluate_tasks=[]",
     "trainer.max_steps=3",
     "val_every_n_steps=3",
     "checkpoint.every_n_steps=3",
@@ -128,7 +129,8 @@ def test_ablation_sweep_writes_its_comparison(store, tmp_path, cache_dir, sample
             "train.py",
             "-m",
             "pipeline=three_stage,merge_2_3,skip_2",
-            *QUICK,
+            *[o for o in QUICK if not o.startswith("pipeline.evaluate_tasks")],
+            "pipeline.evaluate_tasks=[c3]",  # evaluate.py on the final exports: C3 on the shipped fixtures
             f"pipeline.store_dir={tmp_path / 'stages'}",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
@@ -136,7 +138,7 @@ def test_ablation_sweep_writes_its_comparison(store, tmp_path, cache_dir, sample
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     comparison = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
@@ -150,6 +152,8 @@ def test_ablation_sweep_writes_its_comparison(store, tmp_path, cache_dir, sample
     assert set(comparison["kinds"]) == {"text", "translation", "task", "instruction"}
     table = (tmp_path / "sweep" / "comparison.md").read_text()
     assert "| three_stage | pretrain -> task_mix -> sft |" in table and "| skip_2 |" in table
+    assert "c3/d/loglik/acc" in table  # evaluate.py's headline metrics per variant
+    assert all(0.0 <= v["evaluation"]["c3"]["d/loglik/acc"] <= 1.0 for v in comparison["variants"])
     assert (tmp_path / "sweep" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     groups = {json.loads((tmp_path / "sweep" / p / "pipeline.json").read_text())["group"] for p in ("0", "1", "2")}
     assert groups == {"sweep-sweep"}  # every variant's stages in one W&B group (named after the sweep directory)

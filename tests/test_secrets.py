@@ -34,3 +34,63 @@ def test_logged_hyperparameters_are_redacted(compose, tmp_path):
     logger.save()
     hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
     assert "sk-secret-value" not in hparams and "api_key: '***'" in hparams
+
+
+def test_redact_by_value_and_header_names():
+    """Bug caught: redaction by key name only, so a key under an unrelated name or inside a header value leaks."""
+    env = {"OPENAI_API_KEY": "sk-live-0123456789", "HF_TOKEN": "hf_abcdefghij", "WANDB_MODE": "offline"}
+    from billa.utils.secrets import secret_values
+
+    secrets = secret_values(env)
+    assert secrets == ["sk-live-0123456789", "hf_abcdefghij"]  # WANDB_MODE is not secret-bearing
+    config = {
+        "judge": {"extra": "sk-live-0123456789", "headers": {"Authorization": "Bearer x", "X-Api-Key": "k"}},
+        "hub": {"url": "https://u:hf_abcdefghij@example.org"},
+        "openai_key": "anything",
+        "model": {"architecture": {"num_key_value_heads": 32}, "name": "offline"},
+    }
+    clean = redact(config, secrets)
+    assert clean["judge"] == {"extra": REDACTED, "headers": {"Authorization": REDACTED, "X-Api-Key": REDACTED}}
+    assert clean["hub"]["url"] == REDACTED and clean["openai_key"] == REDACTED
+    assert clean["model"] == config["model"]  # num_key_value_heads and short env values are not secrets
+
+
+def test_module_hyperparameters_and_checkpoints_are_redacted(compose, tmp_path, monkeypatch):
+    """Bug caught: Lightning logging the module's own save_hyperparameters (``+model.hf_token=...``) unredacted to
+    hparams.yaml / W&B, and pickling it into every checkpoint; a key under an unrelated name
+    (``${oc.env:OPENAI_API_KEY}``) reaching the logged config."""
+    import torch
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+
+    from billa.config import plan_batch
+    from billa.data.collate import PadCollator
+    from billa.model.module import BillaLM
+    from billa.train import build_trainer
+
+    monkeypatch.setenv("BILLA_TEST_API_KEY", "sk-test-0123456789")
+    overrides = ["logger=csv", "trainer.max_steps=1", "checkpoint.every_n_steps=1", "validate_at_start=false"]
+    overrides += ["+model.hf_token=hf_valuesecret123", "+judge.endpoint_option=${oc.env:BILLA_TEST_API_KEY}"]
+    cfg = compose([*overrides, "trainer.enable_progress_bar=false"], output_dir=tmp_path)
+    plan = plan_batch(cfg)
+    module = BillaLM(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        vocab_size=64,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        total_steps=1,
+        validate_at_start=False,
+    )
+    items = [{"input_ids": [1, 5, 9, 2], "labels": [1, 5, 9, 2], "source": "en"}] * plan.global_size
+    loader = DataLoader(items, batch_size=plan.micro_size, collate_fn=PadCollator(0))
+    trainer = build_trainer(cfg, plan, 64)
+    trainer.fit(module, train_dataloaders=loader)
+    logged = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
+    assert "hf_valuesecret123" not in logged and "sk-test-0123456789" not in logged
+    assert "hf_token: '***'" in logged and "endpoint_option: '***'" in logged
+    ckpt = next((tmp_path / "checkpoints").glob("step=*.ckpt"))
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert (
+        saved["model"]["hf_token"] == REDACTED
+        and saved["model"]["architecture"] == module.hparams.model["architecture"]
+    )

@@ -13,20 +13,24 @@ from billa.train import run
 
 from .conftest import compose_train, tiny_parameter_count
 
+TRAINED = [
+    "trainer.max_steps=40",
+    "val_every_n_steps=20",
+    "scheduler.warmup_steps=5",
+    "data.val_max_records=16",
+    "trainer.enable_progress_bar=false",
+    "checkpoint.every_n_steps=10",
+]
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir, sample_tokenizer_dir):
     out = tmp_path_factory.mktemp("run")
     cfg = compose_train(
         [
+            *TRAINED,
             "logger=csv",
-            "trainer.max_steps=40",
-            "val_every_n_steps=20",
-            "scheduler.warmup_steps=5",
-            "data.val_max_records=16",
-            "trainer.enable_progress_bar=false",
             "hardware.peak_tflops=0.5",  # a made-up peak, so that MFU is logged on CPU
-            "checkpoint.every_n_steps=10",
             "checkpoint.keep_last=2",
             "export.max_shard_size=5MB",  # the tiny model in several safetensors shards + index
         ],
@@ -53,10 +57,11 @@ def test_validation_loss_falls_below_step_zero(trained, sample_tokenizer_dir):
     )  # every sample of steps 1..N counted once
     assert float(last["train/tokens/zh"]) > float(last["train/samples/zh"])
     throughput = [row for row in metrics if row.get("train/tokens_per_s")]
-    assert throughput
+    assert [int(row["step"]) for row in throughput] == [9, 19, 29, 39]  # every 10 steps (log_every_n_steps)
     for row in throughput:  # MFU = tokens/s per device x FLOPs per token / peak (0.5 TFLOPS here)
         fpt = 6 * tiny_parameter_count(sample_tokenizer_dir) + 12 * 4 * 192 * 256  # 6N + 12 L h s at 256 tokens
         assert float(row["train/mfu"]) == pytest.approx(float(row["train/tokens_per_s_per_device"]) * fpt / 0.5e12)
+        assert float(row["train/tokens_per_s"]) == float(row["train/tokens_per_s_per_device"]) > 0  # one device
 
 
 def test_export_is_a_loadable_hf_directory_that_generates(trained):
@@ -78,7 +83,9 @@ def test_export_is_a_loadable_hf_directory_that_generates(trained):
     assert inputs["input_ids"][0, 0] == tokenizer.bos_token_id
     generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
-    assert isinstance(tokenizer.decode(generated[0], skip_special_tokens=True), str)
+    assert torch.equal(generated[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
+    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+    assert text.startswith("老师，") and len(text) > len("老师，")  # the prompt, then generated text
     # the export holds the trained weights: bit-identical to the final Lightning checkpoint's
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     trained_state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
@@ -119,21 +126,96 @@ def test_prepare_only_tokenises_without_training(tmp_path, cache_dir, sample_tok
     assert list((tmp_path / "tok").rglob("billa_shard.json")) and not (tmp_path / "checkpoints").exists()
 
 
-def test_checkpoint_carries_rng_state(trained):
+def test_checkpoint_carries_rng_state(trained, tmp_path):
+    """The RNG state saved in a checkpoint is the state at save time: after loading, the draws continue exactly as
+    they did after the save.
+
+    Catches saving the wrong state (a fresh or fixed generator's) and restoring only part of it (torch, python or
+    numpy): restoring the same saved state twice and comparing the two replays would not.
+    """
     import random
 
     import numpy as np
 
-    out, _ = trained
-    checkpoint = torch.load(out / "checkpoints" / "step=000040.ckpt", map_location="cpu", weights_only=True)
-    rng = checkpoint["billa_rng"]
-    assert rng["torch"].dtype == torch.uint8 and rng["numpy"]["key"].shape == (624,)
     from billa.model.module import BillaLM
 
-    before = (torch.rand(3), random.random(), np.random.rand())
-    BillaLM.on_load_checkpoint(None, checkpoint)
-    restored = (torch.rand(3), random.random(), np.random.rand())
-    BillaLM.on_load_checkpoint(None, checkpoint)
-    again = (torch.rand(3), random.random(), np.random.rand())
-    assert torch.equal(restored[0], again[0]) and restored[1:] == again[1:]  # the saved state, replayed exactly
-    assert not torch.equal(before[0], restored[0]) or before[1:] != restored[1:]
+    out, _ = trained
+    saved = torch.load(out / "checkpoints" / "step=000040.ckpt", map_location="cpu", weights_only=True)
+    assert saved["billa_rng"]["torch"].dtype == torch.uint8 and saved["billa_rng"]["numpy"]["key"].shape == (624,)
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), np.random.rand()
+
+    torch.manual_seed(11), random.seed(12), np.random.seed(13)
+    draws()  # somewhere in the middle of a run
+    checkpoint = {}
+    BillaLM.on_save_checkpoint(None, checkpoint)
+    after_save = draws()
+    torch.save(checkpoint, tmp_path / "rng.ckpt")
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)  # a new process
+    assert draws() != after_save
+    BillaLM.on_load_checkpoint(None, torch.load(tmp_path / "rng.ckpt", weights_only=True))
+    assert draws() == after_save
+
+
+def test_ckpt_path_resumes_from_a_checkpoint_file_or_a_checkpoints_directory(trained, tmp_path, cache_dir):
+    """README: ``ckpt_path`` names a checkpoint file or a directory of them (newest complete one).
+
+    Resuming the 40-step run from its step-30 file reaches the uninterrupted run's final weights.
+    """
+    from billa.distributed.checkpoints import resolve_ckpt_path
+
+    out, _ = trained
+    checkpoints = out / "checkpoints"
+    newest = str(checkpoints / "step=000040.ckpt")
+    assert resolve_ckpt_path(str(checkpoints), None, tmp_path) == newest  # the checkpoints directory
+    assert resolve_ckpt_path(str(out), None, tmp_path) == newest  # a run directory holding checkpoints/
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*not a complete checkpoint"):
+        resolve_ckpt_path(str(tmp_path), None, tmp_path)
+    cfg = compose_train(
+        [
+            *TRAINED,
+            "logger=none",
+            "validate_at_start=false",
+            "export.verify=false",
+            f"ckpt_path='{checkpoints / 'step=000030.ckpt'}'",  # quoted: '=' in a Hydra override value
+        ],
+        output_dir=tmp_path,
+        cache=cache_dir,
+    )
+    result = run(cfg)
+    assert result["resumed_from"].endswith("step=000030.ckpt") and result["global_step"] == 40
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    uninterrupted = AutoModelForCausalLM.from_pretrained(out / "hf").state_dict()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_skipped_records_are_reported_at_the_end_of_the_run(tmp_path, cache_dir, sample_corpus, caplog):
+    """README: with ``data.on_error=skip`` malformed records are counted, logged and reported at the end of the run."""
+    good = (sample_corpus / "pile" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    bad = tmp_path / "pile_with_errors.jsonl"
+    bad.write_text("\n".join([*good[:50], '{"text": "cut off', *good[50:], '{"meta": {}}']) + "\n", encoding="utf-8")
+    cfg = compose_train(
+        [
+            "logger=none",
+            "trainer.max_steps=2",
+            "val_every_n_steps=2",
+            "scheduler.warmup_steps=1",
+            "data.val_max_records=4",
+            "trainer.enable_progress_bar=false",
+            "export.verify=false",
+            "data.on_error=skip",
+            f"data.sources.en.train={bad}",
+            f"data.token_cache_dir={tmp_path / 'tok'}",
+        ],
+        output_dir=tmp_path,
+        cache=cache_dir,
+    )
+    with caplog.at_level("INFO", logger="billa"):
+        result = run(cfg)
+    stats = result["data"]["en/train"]
+    assert stats["skipped_malformed"] == 2 and stats["records"] == len(good) and result["global_step"] == 2
+    report = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Data report en/train")]
+    assert len(report) == 1 and report[0].startswith(f"Data report en/train: {len(good)} records")
+    assert "'skipped_malformed': 2" in report[0] and "pile_with_errors.jsonl" in report[0]

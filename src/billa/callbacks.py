@@ -1,4 +1,4 @@
-"""Training callbacks: throughput and MFU logging, ZeRO partition report."""
+"""Training callbacks: throughput and MFU logging, ZeRO partition report, secrets kept out of checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from billa.distributed.memory import partition_report
 from billa.utils.logging import get_logger
+from billa.utils.secrets import redact
 
 log = get_logger(__name__)
 
@@ -75,7 +76,12 @@ class Throughput(L.Callback):
 
 
 class PartitionReport(L.Callback):
-    """Writes what each rank really holds at the start of training (``<dir>/rank<N>.json``) and logs rank 0's."""
+    """Writes what each rank really holds (``<dir>/rank<N>.json``) and logs rank 0's.
+
+    The report is taken at the start of training (after DeepSpeed set up the engine) and, under ``at_build``, right
+    after ``configure_model`` built the model, with ``peak_materialised_numel``: the most parameter elements this rank
+    held at once while building (ZeRO-3: about one submodule, never the whole model).
+    """
 
     def __init__(self, directory: str):
         self.directory = Path(directory)
@@ -83,6 +89,7 @@ class PartitionReport(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         report = partition_report(pl_module.model)
         report.update(rank=trainer.global_rank, world_size=trainer.world_size)
+        report["at_build"] = getattr(pl_module, "build_report", None)
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
         log.info(
@@ -119,3 +126,14 @@ class StepCheckpoint(ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+
+class RedactCheckpointHparams(L.Callback):
+    """Checkpoints carry the module's hyperparameters with secrets masked (``billa.utils.secrets.redact``).
+
+    ``+model.hf_token=...`` would otherwise be pickled into every checkpoint a run writes (and shares).
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = redact(dict(checkpoint["hyper_parameters"]))

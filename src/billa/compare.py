@@ -49,6 +49,34 @@ def _table(runs: list[dict], kinds: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+HEADLINE = ("/conditional_generation/bits_per_char", "/loglik/acc", "/generative/acc")  # evaluate.py metrics shown
+
+
+def _evaluation_table(runs: list[dict]) -> str:
+    """Headline evaluate.py metrics per variant (bits/char per language, multiple-choice accuracy), if any ran."""
+    columns = sorted(
+        {
+            f"{task}/{key}"
+            for run in runs
+            for task, metrics in (run.get("evaluation") or {}).items()
+            for key in metrics
+            if key.endswith(HEADLINE)
+        }
+    )
+    if not columns:
+        return ""
+    lines = ["| variant | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for run in runs:
+        evaluation = run.get("evaluation") or {}
+        values = []
+        for column in columns:
+            task, key = column.split("/", 1)
+            value = evaluation.get(task, {}).get(key)
+            values.append("-" if value is None else f"{value:.4f}")
+        lines.append(f"| {run['pipeline']} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _chart(runs: list[dict], kinds: list[str], path: Path) -> None:
     import matplotlib
 
@@ -78,7 +106,12 @@ def write_comparison(root: str | Path) -> dict | None:
     kinds = sorted({k for run in runs for k in run["validation"]["by_kind"]})
     root = Path(root)
     table = _table(runs, kinds)
-    (root / "comparison.md").write_text("# Pipeline comparison\n\nFinal validation loss (lower is better).\n\n" + table)
+    evaluation = _evaluation_table(runs)
+    text = "# Pipeline comparison\n\nFinal validation loss (lower is better).\n\n" + table
+    if evaluation:
+        text += "\nevaluate.py on the final export (bits per character: lower is better; accuracy: higher).\n\n"
+        text += evaluation
+    (root / "comparison.md").write_text(text)
     result = {
         "kinds": kinds,
         "variants": [

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -102,9 +103,40 @@ def plan_batch(cfg: DictConfig) -> BatchPlan:
     return BatchPlan(global_size, micro, devices, nodes, global_size // per_step)
 
 
+ON_ERROR = ("raise", "skip")
+RESUME = (None, "auto", "never")
+
+
+def _check_model_dir(value: str | None, key: str, local_only: bool) -> None:
+    """A HF model directory named by ``key`` exists and holds config.json (``local_only``: when it looks local)."""
+    if value is None:
+        return
+    looks_local = str(value).startswith(("/", "./", "../", "~"))
+    if not (local_only or looks_local):
+        return  # could be a hub id ("org/name"); from_pretrained reports that one
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"`{key}`={value}: no such directory (expected a HF model directory with config.json)")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"`{key}`={value}: not a HF model directory (no config.json); point it at the export")
+
+
 def validate(cfg: DictConfig) -> BatchPlan:
     """Check the composed training config before anything heavy starts; returns the batch plan."""
     plan = plan_batch(cfg)
+    on_error = cfg.data.get("on_error", "raise")
+    if on_error not in ON_ERROR:
+        raise ConfigError(
+            f"`data.on_error`={on_error!r}: expected raise (stop at the first bad record, naming file and line) "
+            "or skip (count bad records and report them at the end)"
+        )
+    if cfg.get("resume") not in RESUME:
+        raise ConfigError(
+            f"`resume`={cfg.get('resume')!r}: expected auto (continue from the newest complete checkpoint in "
+            "output_dir/checkpoints) or null; to resume a given checkpoint set ckpt_path"
+        )
+    _check_model_dir(cfg.get("init_from"), "init_from", local_only=True)
+    _check_model_dir(cfg.model.get("pretrained_path"), "model.pretrained_path", local_only=False)
     _positive_int(cfg, "trainer.max_steps")
     _positive_int(cfg, "data.max_seq_length")
     _positive_int(cfg, "val_every_n_steps")

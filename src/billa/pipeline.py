@@ -108,6 +108,9 @@ def _stage_config(step: DictConfig, base_overrides: list[str], init_from: str | 
     with open_dict(cfg):
         cfg.init_from = init_from
         cfg.resume = "auto"  # a half-finished stage continues from its newest complete checkpoint
+        if cfg.export.get("card") is not None:  # the model card names the command that reproduces this stage
+            start = f" init_from={init_from}" if init_from else ""
+            cfg.export.card.command = f"python train.py {' '.join(overrides)}{start}"
         if cfg.get("logger") and "group" in cfg.logger:
             cfg.logger.group = group  # every stage and every variant of a sweep in one W&B group
     return cfg
@@ -262,11 +265,33 @@ def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if status == "done" and pipeline.get("evaluate", True) and _is_global_zero():
         result["validation"] = evaluate_by_kind(init_from, cfg)
         log.info("Pipeline %s: final validation loss by kind %s", pipeline.name, result["validation"]["by_kind"])
+    tasks = list(pipeline.get("evaluate_tasks") or [])
+    if status == "done" and tasks and _is_global_zero():
+        result["evaluation"] = run_evaluation(init_from, tasks, cfg, base_overrides, group)
     if _is_global_zero():
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "pipeline.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     return result
+
+
+def run_evaluation(model_dir: str, tasks: list[str], cfg: DictConfig, overrides: list[str], group: str) -> dict:
+    """``evaluate.py task=[...]`` on the final export (same model / hardware / logger groups); returns its metrics."""
+    from billa.evaluate import run as evaluate
+
+    groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+") in ("model", "hardware", "logger")]
+    with _hydra_context():
+        from hydra import compose
+
+        eval_cfg = compose("evaluate", overrides=[*groups, f"task=[{','.join(tasks)}]"])
+    with open_dict(eval_cfg):
+        eval_cfg.model_path = model_dir
+        eval_cfg.output_dir = str(Path(cfg.output_dir) / "eval")
+        eval_cfg.cache_dir = cfg.cache_dir
+        eval_cfg.seed = cfg.seed
+        if eval_cfg.get("logger") and "group" in eval_cfg.logger:
+            eval_cfg.logger.group = group
+    return evaluate(eval_cfg)["metrics"]
 
 
 # ---- validation loss of the final model on every source kind ----------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,14 +11,24 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from billa.callbacks import PartitionReport, StepCheckpoint, StopAtStep, Throughput, flops_per_token
-from billa.config import BatchPlan, ConfigError, exit_on_config_error, validate
+from billa.callbacks import (
+    PartitionReport,
+    RedactCheckpointHparams,
+    StepCheckpoint,
+    StopAtStep,
+    Throughput,
+    flops_per_token,
+)
+from billa.config import BatchPlan, ConfigError, exit_on_config_error, plan_batch, validate
 from billa.data.datamodule import BillaDataModule
 from billa.distributed.checkpoints import resolve_ckpt_path
 from billa.distributed.memory import plan_memory, zero_settings
+from billa.distributed.safe_load import check_checkpoint, weights_only_loading
 from billa.export import gather_state_dict, save_hf_model
 from billa.model.builders import count_parameters
 from billa.model.module import BillaLM
+from billa.model_card import ModelCard, hub_datasets, hydra_choice, hydra_command, realised_mix
+from billa.progress import progress_callbacks
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger, setup_logging
 from billa.utils.secrets import redact
@@ -147,6 +158,7 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
     callbacks = [
         Throughput(cfg.trainer.log_every_n_steps, fpt, hw.get("peak_tflops")),
         PartitionReport(str(Path(cfg.output_dir) / "partition")),
+        RedactCheckpointHparams(),
         StepCheckpoint(
             dirpath=Path(cfg.output_dir) / "checkpoints",
             filename="step={step:06d}",
@@ -161,6 +173,10 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
     ]
     if cfg.get("stop_after_steps"):
         callbacks.append(StopAtStep(cfg.stop_after_steps))
+    progress, enable_progress_bar = progress_callbacks(
+        cfg.get("progress", "auto"), cfg.trainer.log_every_n_steps, cfg.trainer.enable_progress_bar, cfg.stage_name
+    )
+    callbacks += progress
     return instantiate(
         cfg.trainer,
         accelerator=hw.accelerator,
@@ -174,6 +190,7 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
         use_distributed_sampler=False,  # BillaDataModule shards the stream itself (exact resume)
         logger=logger,
         callbacks=callbacks,
+        enable_progress_bar=enable_progress_bar,  # a step bar on a terminal, text lines in job logs (billa.progress)
         default_root_dir=cfg.output_dir,
     )
 
@@ -190,13 +207,76 @@ def probe_logits(module: BillaLM, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return out.logits.float().cpu()
 
 
+def model_card(cfg: DictConfig, trainer: L.Trainer, module: BillaLM) -> ModelCard:
+    """What the export's README.md states, gathered from the config and the finished run."""
+    plan, metrics = plan_batch(cfg), {k: float(v) for k, v in trainer.callback_metrics.items()}
+    hw, opt, sched, card = cfg.hardware, cfg.optimizer, cfg.scheduler, cfg.export.get("card") or {}
+    ds_config = strategy_config(cfg)
+    zero_stage = zero_settings(ds_config)[0]
+    device = torch.cuda.get_device_name(0) if hw.accelerator == "gpu" and torch.cuda.is_available() else hw.accelerator
+    finals = {k: v for k, v in sorted(metrics.items()) if k.startswith("val/")}
+    if module.val_loss_start is not None:
+        finals["val/loss at step 0"] = module.val_loss_start
+    if "train/loss" in metrics:
+        finals["train/loss (last step)"] = metrics["train/loss"]
+    datamodule = trainer.datamodule
+    return ModelCard(
+        model_name=cfg.model.name,
+        stage=cfg.stage_name,
+        mix=realised_mix(OmegaConf.to_container(cfg.data.mix), metrics),
+        schedule={
+            "optimizer steps": f"{trainer.global_step:,} of {cfg.trainer.max_steps:,}",
+            "batch": str(plan),
+            "sequence length": cfg.data.max_seq_length,
+            "tokens per step (max)": f"{plan.global_size * cfg.data.max_seq_length:,}",
+            "learning rate": f"{opt.lr:g}, {sched.get('warmup_steps', 0)} warmup steps, cosine to "
+            f"{sched.get('min_lr_ratio', 0)} x lr",
+            "optimizer": f"{opt._target_.rsplit('.', 1)[-1]} betas {list(opt.get('betas', []))}, "
+            f"weight decay {opt.get('weight_decay')}, gradient clip {cfg.trainer.get('gradient_clip_val')}",
+            "data": f"mix {cfg.data.get('mix_mode', 'round_robin')}, layout {cfg.data.get('layout', 'pad')}, "
+            f"seed {cfg.seed}",
+        },
+        hardware={
+            "hardware config": hydra_choice("hardware") or "-",
+            "device": device,
+            "devices": f"{hw.devices} x {hw.num_nodes} node(s)",
+            "precision": hw.precision,
+            "strategy": f"DeepSpeed ZeRO-{zero_stage}" if zero_stage is not None else str(hw.strategy),
+            "activation checkpointing": hw.activation_checkpointing,
+        },
+        metrics=finals,
+        command=card.get("command") or hydra_command(),
+        init_from=cfg.get("init_from") or cfg.model.get("pretrained_path"),
+        data={k: v for k, v in sorted(datamodule.stats.items())} if datamodule is not None else {},
+        license=card.get("license", "other"),
+        license_name=card.get("license_name"),
+        base_model=card.get("base_model"),
+        datasets=[*card.get("datasets", []), *hub_datasets(OmegaConf.to_container(cfg.data.sources, resolve=True))],
+        tags=list(card.get("tags", [])),
+        notes=[
+            "Samples and tokens per source are those of the `train/samples/<source>` and `train/tokens/<source>` "
+            "metrics at their last logging (every `trainer.log_every_n_steps` steps), summed over ranks, since the "
+            "run (re)started."
+        ],
+    )
+
+
 def export(cfg: DictConfig, trainer: L.Trainer, module: BillaLM, tokenizer_dir: str, probe: dict | None) -> dict:
     """Gather (ZeRO-3: per parameter) and write the HF directory on rank 0; optionally check it against the model."""
     state = gather_state_dict(module.model, trainer.is_global_zero)
     trained_logits = probe_logits(module, probe) if probe is not None and cfg.export.verify else None
     result = {"export_dir": str(cfg.export.dir)}
     if trainer.is_global_zero:
-        save_hf_model(module.model, tokenizer_dir, cfg.export.dir, state, cfg.export.max_shard_size)
+        save_hf_model(
+            module.model,
+            tokenizer_dir,
+            cfg.export.dir,
+            state,
+            cfg.export.max_shard_size,
+            model_max_length=cfg.data.max_seq_length,  # the context trained on, not the architecture's maximum
+            generation=OmegaConf.to_container(cfg.export.generation) if cfg.export.get("generation") else None,
+            card=model_card(cfg, trainer, module),
+        )
         if trained_logits is not None:
             from transformers import AutoModelForCausalLM
 
@@ -215,12 +295,38 @@ def export(cfg: DictConfig, trainer: L.Trainer, module: BillaLM, tokenizer_dir: 
 def report_data(stats: dict) -> None:
     """End-of-run data report: records read, examples used, and every record not used and why."""
     for split, counts in sorted(stats.items()):
-        dropped = {k: counts.get(k, 0) for k in ("filtered", "skipped_malformed", "no_target_after_truncation")}
+        reasons = ("filtered", "skipped_malformed", "empty_text", "no_target_after_truncation")
+        dropped = {k: counts.get(k, 0) for k in reasons}
         line = f"{split}: {counts.get('records', 0)} records -> {counts.get('examples', 0)} examples"
         if any(dropped.values()):
             log.warning("Data report %s; not used: %s %s", line, dropped, counts.get("skipped_examples", [])[:3])
         else:
             log.info("Data report %s", line)
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from (``ckpt_path``, or ``resume=auto``), checked before any work is done.
+
+    ``resume=auto`` says where it looked and, when nothing is there, that the run starts from scratch.
+
+    Raises:
+        UntrustedCheckpointError: the checkpoint's pickles would run code (unless ``trust_checkpoint=true``).
+    """
+    directory = Path(cfg.output_dir) / "checkpoints"
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), directory)
+    if cfg.get("resume") == "auto" and not cfg.get("ckpt_path"):
+        if ckpt_path:
+            log.info("resume=auto: the newest complete checkpoint in %s is %s", directory, ckpt_path)
+        else:
+            log.warning(
+                "resume=auto: no complete checkpoint in %s, starting from scratch (every run gets a new output "
+                "directory unless hydra.run.dir is fixed: pass hydra.run.dir=<the run to continue>)",
+                directory,
+            )
+    if ckpt_path:  # a checkpoint whose pickles would run code is refused here
+        key = "ckpt_path" if cfg.get("ckpt_path") else "resume=auto"
+        check_checkpoint(ckpt_path, key, bool(cfg.get("trust_checkpoint", False)))
+    return ckpt_path
 
 
 def run(cfg: DictConfig) -> dict:
@@ -233,6 +339,8 @@ def run(cfg: DictConfig) -> dict:
     setup_logging()
     plan = validate(cfg)
     log.info("Stage %s, model %s, %s", cfg.stage_name, cfg.model.name, plan)
+    ckpt_path = resume_checkpoint(cfg)
+    trust = bool(cfg.get("trust_checkpoint", False))
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
@@ -255,10 +363,10 @@ def run(cfg: DictConfig) -> dict:
         tokenizer_dir=tokenizer_dir,
     )
     trainer = build_trainer(cfg, plan, vocab_size)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), Path(cfg.output_dir) / "checkpoints")
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with weights_only_loading(trust) if ckpt_path else contextlib.nullcontext():  # DeepSpeed's loads included
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     probe = next(iter(datamodule.val_dataloader()), None) if datamodule.val_set else None
     result = export(cfg, trainer, module, tokenizer_dir, probe)

@@ -1,4 +1,4 @@
-"""Conversions run by ``convert.py``: ZeRO-3 checkpoint -> HF (later: vocabulary expansion, release/restore)."""
+"""Conversions run by ``convert.py``: ZeRO-3 checkpoint -> HF, vocabulary expansion, release/restore/verify."""
 
 from __future__ import annotations
 

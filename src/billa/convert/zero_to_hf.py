@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from billa.distributed.checkpoints import resolve_ckpt_path
+from billa.distributed.safe_load import check_checkpoint, weights_only_loading
 from billa.export import save_hf_model
 from billa.model.builders import llama_config
 from billa.utils.logging import get_logger
@@ -36,6 +37,7 @@ def zero_to_hf(
     out_dir: str | os.PathLike,
     tokenizer: str | None = None,
     max_shard_size: str = "5GB",
+    trust_checkpoint: bool = False,
 ) -> dict:
     """Consolidate the fp32 weights of a ZeRO checkpoint and write a HF directory with the run's tokenizer.
 
@@ -44,16 +46,20 @@ def zero_to_hf(
             directory (the newest complete checkpoint is taken).
         out_dir: the HF directory to write.
         tokenizer: tokenizer directory; default the one the run trained with (saved in the checkpoint).
+        trust_checkpoint: load the shards with ``weights_only=False`` (only for checkpoints from someone you
+            trust: a crafted pickle runs code). By default every shard is checked and loaded weights-only.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     ckpt = Path(resolve_ckpt_path(str(checkpoint), None, checkpoint))
+    check_checkpoint(ckpt, "op.checkpoint", trust_checkpoint, "op.trust_checkpoint")
     hparams = _hyperparameters(ckpt)
     tokenizer_dir = tokenizer or hparams.get("tokenizer_dir")
     if not tokenizer_dir or not Path(tokenizer_dir, "tokenizer.model").is_file():
         raise FileNotFoundError(f"tokenizer directory {tokenizer_dir!r} not found: pass op.tokenizer=<dir>")
     log.info("Consolidating %s", ckpt)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # slow import: after checks
+
+    with weights_only_loading(trust_checkpoint):  # DeepSpeed's own torch.load calls become weights-only
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
     state = {k.removeprefix("model."): v for k, v in state.items()}  # BillaLM.model -> the HF model's own keys
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(hparams["model"]["architecture"], hparams["vocab_size"]))

@@ -20,16 +20,18 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+import socket
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
-from tqdm.auto import tqdm
 
 from billa.data.objectives import Example, ObjectiveContext, Variants, load_prompts, record_rng, variants
-from billa.data.readers import HUB_PREFIX, ReadStats, expand_paths, read_records
+from billa.data.readers import HUB_PREFIX, READER_VERSION, ReadStats, expand_paths, read_records
+from billa.progress import track
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -80,24 +82,85 @@ def fingerprint(*parts: bytes | str, files: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()
 
 
-def file_fingerprint(path: str, cache_root: Path) -> str:
-    """Content hash of ``path``, hashed once: reused while the file's size and mtime are unchanged.
+_SAMPLE = 1 << 16  # bytes hashed at each end of a file for the index key
 
-    The hashes live in ``<cache_root>/file_hashes.json``, so ``setup`` on every rank (and every later run) reads a
-    small index instead of re-reading the whole corpus.
+
+def _sample_hash(path: str, size: int) -> str:
+    """BLAKE2 of the first and last 64 KiB: a cheap content check beside the file's metadata."""
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as handle:
+        digest.update(handle.read(_SAMPLE))
+        if size > _SAMPLE:
+            handle.seek(max(_SAMPLE, size - _SAMPLE))
+            digest.update(handle.read(_SAMPLE))
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: str, cache_root: Path) -> str:
+    """Content hash of ``path`` (all its bytes), computed once and reused while the file is unchanged.
+
+    "Unchanged" means the same path, size, modification time, inode change time (ctime: any write or metadata
+    change updates it, and no user tool can set it back) and inode, plus the same first and last 64 KiB. An edit
+    that keeps size and mtime still changes ctime. The hashes live in ``<cache_root>/file_hashes.json``, so
+    ``setup`` on every rank (and every later run) reads a small index instead of re-reading the whole corpus.
     """
     if path.startswith(HUB_PREFIX):
         return fingerprint(path)
     stat = os.stat(path)
-    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = (
+        f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}|"
+        f"{_sample_hash(path, stat.st_size)}"
+    )
     index_path = cache_root / "file_hashes.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     if key not in index:
         index[key] = fingerprint(files=(path,))
-        tmp = index_path.with_name(f".file_hashes.{os.getpid()}.json")
+        tmp = index_path.with_name(index_path.name + _tmp_suffix())
         tmp.write_text(json.dumps(index))
         os.replace(tmp, index_path)  # atomic; a concurrent writer's entries are recomputed on demand, never wrong
     return index[key]
+
+
+_TMP = re.compile(r"\.tmp(?:-(?P<host>.*)-)?(?P<pid>\d+)$")  # ".tmp-<host>-<pid>" (or the older ".tmp<pid>")
+
+
+def _tmp_suffix() -> str:
+    """Suffix of this process's temporary files and directories: whose they are, so leftovers can be removed."""
+    return f".tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_stale_temp(cache_root: str | os.PathLike) -> int:
+    """Remove temporary shard directories and index files that killed or failed passes on this host left behind.
+
+    Only entries of this host whose process is gone are removed: a pass still running (here or on another node
+    sharing the cache) keeps its directory. Returns the number removed.
+    """
+    host, removed = socket.gethostname(), 0
+    root = Path(cache_root)
+    for path in [*root.glob("*/*/*.tmp*"), *root.glob("file_hashes.json.tmp*")]:
+        match = _TMP.search(path.name)
+        if not match or match["host"] not in (None, host) or int(match["pid"]) == os.getpid():
+            continue
+        if _alive(int(match["pid"])):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("Removed %d temporary entries that killed tokenisation passes left in %s", removed, root)
+    return removed
 
 
 def tokenizer_fingerprint(tokenizer_dir: str) -> str:
@@ -182,7 +245,7 @@ def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> Sh
         prompt_types=dict(settings.prompt_types),
     )
     stats = ReadStats()
-    tmp = Path(shard_dir + f".tmp{os.getpid()}")
+    tmp = Path(shard_dir + _tmp_suffix())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     n_examples = dropped = 0
@@ -210,6 +273,7 @@ def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> Sh
         "records": stats.read,
         "filtered": stats.filtered,
         "skipped_malformed": stats.skipped,
+        "empty_text": stats.empty,
         "skipped_examples": stats.skipped_examples,
         "no_target_after_truncation": dropped,
     }
@@ -242,12 +306,14 @@ def tokenize_source(
         prompts = load_prompts(prompts)
     files = list(pattern) if isinstance(pattern, list) else expand_paths(pattern, what)
     settings_key = fingerprint(
+        f"readers/{READER_VERSION}",
         # the seed only drives the per-visit draws, made after the cache: a seed sweep reuses the shards
         json.dumps({k: v for k, v in asdict(settings).items() if k != "seed"}, sort_keys=True),
         tokenizer_fingerprint(tokenizer_dir),
         prompts_fingerprint(prompts),
         _FORMAT_VERSION,
     )
+    remove_stale_temp(cache_root)
     root = Path(cache_root) / settings.source / settings_key
     root.mkdir(parents=True, exist_ok=True)
     shards, todo = {}, []
@@ -258,17 +324,18 @@ def tokenize_source(
         else:
             todo.append((path, str(shard)))
     if todo:
-        desc = f"tokenising {settings.source} ({len(todo)} of {len(files)} files)"
+        reused = f", {len(files) - len(todo)} reused" if len(todo) < len(files) else ""
+        desc = f"tokenising {what.removeprefix('data.sources.')}{reused}"
         if num_proc > 1 and len(todo) > 1:
             # spawn, not fork: the caller may already hold threads (DataLoader, gloo, tokenizers' pool)
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer_dir, prompts)) as pool:
                 futures = {pool.submit(_tokenize_file, path, settings, shard): path for path, shard in todo}
-                for future in tqdm(futures, desc=desc, unit="file"):
+                for future in track(as_completed(futures), len(futures), desc, "files"):
                     shards[futures[future]] = future.result()
         else:
             _init_worker(tokenizer_dir, prompts)
-            for path, shard in tqdm(todo, desc=desc, unit="file", disable=len(todo) < 2):
+            for path, shard in track(todo, len(todo), desc, "files"):
                 shards[path] = _tokenize_file(path, settings, shard)
     parts, totals = [], {}
     for path in files:  # input order, whatever order the workers finished in

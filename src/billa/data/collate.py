@@ -1,7 +1,8 @@
 """Batching: truncate-and-pad per sample (BiLLa), or pack several samples into one sequence.
 
 Both collators return ``input_ids``, ``labels`` and ``attention_mask`` for the model, plus ``source`` and
-``sample_tokens`` (one entry per sample) for per-source accounting.
+``sample_tokens`` (one entry per sample) for per-source accounting; ``step_label_tokens`` (training: the loss
+normaliser of the optimizer step) and ``label_chars`` (validation: for bits per character) when the samples carry them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ def _accounting(items: list[dict]) -> dict:
     batch = {"sample_tokens": [len(item["input_ids"]) for item in items]}
     if "source" in items[0]:
         batch["source"] = [item["source"] for item in items]
+    if "label_chars" in items[0]:  # validation: characters the labelled tokens decode to (bits per character)
+        batch["label_chars"] = torch.tensor([item["label_chars"] for item in items], dtype=torch.long)
+    if "step_label_tokens" in items[0]:  # training: label tokens of the whole optimizer step (loss normaliser)
+        totals = {item["step_label_tokens"] for item in items}
+        if len(totals) != 1:
+            raise ValueError(f"a micro batch spans several optimizer steps (step label totals {sorted(totals)})")
+        batch["step_label_tokens"] = totals.pop()
     return batch
 
 

@@ -12,7 +12,7 @@ from billa.config import ConfigError
 from billa.data.cache import ObjectiveSettings, tokenize_source
 from billa.data.collate import PackCollator, PadCollator
 from billa.data.mixing import MixedDataset, StreamSampler
-from billa.data.objectives import OBJECTIVES, load_prompts
+from billa.data.objectives import IGNORE, OBJECTIVES, load_prompts
 from billa.data.readers import expand_paths, record_kind
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
@@ -228,7 +228,9 @@ class BillaDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         train = {name: self._tokenized(name, "train") for name in self.mix}
-        self.train_set = MixedDataset(train, self.mix, self.num_samples, self.seed, self.mix_mode)
+        self.train_set = MixedDataset(
+            train, self.mix, self.num_samples, self.seed, self.mix_mode, step_size=self.global_batch_size
+        )
         self.setup_validation()
         log.info("Data: %s", {key: value["examples"] for key, value in self.stats.items()})
 
@@ -241,7 +243,9 @@ class BillaDataModule(L.LightningDataModule):
             if split == "val":
                 val = self._tokenized(name, "val")
                 for index in range(min(len(val), self.val_max_records)):
-                    self.val_set.append({**val.example(index, visit=0), "source": name})
+                    row = val.example(index, visit=0)
+                    chars = label_characters(tokenizer, row["labels"])
+                    self.val_set.append({**row, "source": name, "label_chars": chars})
         return self.val_set
 
     def train_dataloader(self) -> DataLoader:
@@ -272,11 +276,40 @@ class BillaDataModule(L.LightningDataModule):
             )
         self.resume_samples = int(state.get("consumed_samples", 0))
 
+    @property
+    def val_sources(self) -> list[str]:
+        """Names of the sources with a validation split, in mix order (the same list on every rank)."""
+        return [name for name, split in self._splits() if split == "val"]
+
     def val_dataloader(self) -> DataLoader:
+        """This rank's share of the validation set: every ``world_size``-th example, padded to equal length.
+
+        Every rank runs the same number of batches (ZeRO-3 forwards are collective); a padding example carries no
+        label, so the summed metrics (``BillaLM.on_validation_epoch_end``) do not depend on the number of ranks.
+        """
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return DataLoader(
-            self.val_set,
+            rank_share(self.val_set, rank, world),
             batch_size=self.micro_batch_size,
             shuffle=False,
             collate_fn=PadCollator(self.pad_id),
             num_workers=self.num_workers,
         )
+
+
+def label_characters(tokenizer, labels) -> int:
+    """Characters that the labelled tokens of one example (``labels[1:]`` not ignored) decode to."""
+    ids = [int(t) for t in labels[1:] if t != IGNORE]
+    return len(tokenizer.decode(ids, skip_special_tokens=True)) if ids else 0
+
+
+def rank_share(examples: list[dict], rank: int, world_size: int) -> list[dict]:
+    """Examples ``rank, rank + world_size, ...``, padded with label-free copies so every rank gets as many."""
+    share = examples[rank::world_size]
+    per_rank = -(-len(examples) // world_size)  # ceil
+    if share or per_rank:
+        filler = examples[0]
+        padding = {**filler, "labels": [IGNORE] * len(filler["labels"]), "label_chars": 0}
+        share = share + [padding] * (per_rank - len(share))
+    return share

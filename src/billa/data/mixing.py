@@ -15,7 +15,16 @@ from functools import lru_cache
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from billa.data.objectives import Example
+from billa.data.objectives import IGNORE, Example
+
+
+def label_tokens(labels) -> int:
+    """Tokens that carry a loss in one sample: ``labels[1:]`` not ignored (position t predicts token t + 1).
+
+    The same count in both layouts: packing masks the first label of every sample after the first in a row, which is
+    the sample's own ``labels[0]``, never a predicted position.
+    """
+    return int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE))
 
 
 def round_robin_cycle(weights: Mapping[str, int]) -> list[str]:
@@ -26,6 +35,9 @@ def round_robin_cycle(weights: Mapping[str, int]) -> list[str]:
 
 class MixedDataset(Dataset):
     """``num_samples`` samples drawn from per-source example lists, by round robin or by probability.
+
+    With ``step_size`` (the global batch), every sample also carries ``step_label_tokens``: the number of label
+    tokens in its whole optimizer step (all micro batches, all ranks).
 
     ``mode="round_robin"`` (BiLLa): integer weights, exact ratios in every cycle. ``mode="probability"``: each sample's
     source is drawn with probability proportional to its weight (a seeded draw for the whole stream, so the stream
@@ -39,6 +51,7 @@ class MixedDataset(Dataset):
         num_samples: int,
         seed: int,
         mode: str = "round_robin",
+        step_size: int | None = None,
     ):
         empty = [name for name in weights if not sources.get(name)]
         if empty:
@@ -50,6 +63,7 @@ class MixedDataset(Dataset):
         self.mode = mode
         self.num_samples = num_samples
         self.seed = seed
+        self.step_size = step_size
         if mode == "round_robin":
             self.cycle = round_robin_cycle(self.weights)
             # occurrence of each slot's source before it in the cycle: slot -> k-th time this source appears
@@ -90,9 +104,7 @@ class MixedDataset(Dataset):
         epoch, within = divmod(occurrence, len(self.sources[name]))
         return name, int(self._permutation(name, epoch)[within]), int(epoch)
 
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(index)
+    def _sample(self, index: int) -> dict:
         name, example_index, visit = self.locate_visit(index)
         source = self.sources[name]
         if hasattr(source, "example"):  # a VariantSource: the record's random choices are drawn for this visit
@@ -101,6 +113,24 @@ class MixedDataset(Dataset):
         if isinstance(example, Example):
             return {"input_ids": example.input_ids, "labels": example.labels, "source": name}
         return {"input_ids": example["input_ids"], "labels": example["labels"], "source": name}  # an Arrow row
+
+    @lru_cache(maxsize=4)  # noqa: B019 - every micro batch of a step asks for the same total
+    def step_label_tokens(self, step: int) -> int:
+        """Label tokens of optimizer step ``step``: samples ``[step x step_size, (step + 1) x step_size)``.
+
+        The stream is a pure function of the index, so every rank and every micro batch of a step computes the same
+        total without communicating: the loss of each micro batch is divided by it (``BillaLM.training_step``).
+        """
+        indices = range(step * self.step_size, min((step + 1) * self.step_size, len(self)))
+        return sum(label_tokens(self._sample(i)["labels"]) for i in indices)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        sample = self._sample(index)
+        if self.step_size:
+            sample["step_label_tokens"] = self.step_label_tokens(index // self.step_size)
+        return sample
 
 
 class StreamSampler(Sampler[int]):

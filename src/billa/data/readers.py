@@ -45,7 +45,8 @@ class ReadStats:
     read: int = 0
     filtered: int = 0  # dropped on purpose by a documented filter (e.g. PILE subsets), counted
     skipped: int = 0  # malformed records skipped because the user chose on_error=skip, counted and reported
-    skipped_examples: list[str] = field(default_factory=list)  # the first few, "file:line: why"
+    empty: int = 0  # records whose text (or output) is empty or blank: nothing to train on, counted
+    skipped_examples: list[str] = field(default_factory=list)  # the first few not used, "file:line: why"
     files: list[str] = field(default_factory=list)
 
 
@@ -67,13 +68,78 @@ def expand_paths(pattern: str | os.PathLike, what: str) -> list[str]:
 
 
 def _json_lines(lines, path: str) -> Iterator[tuple[int, object]]:
+    """Parse lines (bytes, or already decoded str); one that is not UTF-8 or not JSON becomes a DataFormatError."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            yield number, json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+        except UnicodeDecodeError as err:
+            reason = f"byte {err.start} of the line: {err.reason}"
+            yield number, DataFormatError(f"{path}:{number}: not valid UTF-8 ({reason})")
         except json.JSONDecodeError as err:
             yield number, DataFormatError(f"{path}:{number}: not valid JSON ({err.msg})")
+
+
+def _json_array(path: str) -> Iterator[tuple[int, object]]:
+    """Elements of a JSON array file; elements holding bytes that are not UTF-8 become DataFormatErrors."""
+    raw = Path(path).read_bytes()
+    bad = None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:  # keep the readable elements: bad bytes become lone surrogates, found below
+        line = raw.count(b"\n", 0, err.start) + 1
+        bad = f"not valid UTF-8 (first bad byte at offset {err.start}, line {line})"
+        text = raw.decode("utf-8", errors="surrogateescape")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        also = f"; the file is {bad}" if bad else ""
+        raise DataFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg}){also}") from None
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}:1: expected a JSON array of records, got {type(data).__name__}")
+    for number, element in enumerate(data, start=1):
+        if bad and _has_surrogates(element):
+            yield number, DataFormatError(f"{path}:{number}: array element {number} is {bad}")
+        else:
+            yield number, element
+
+
+def _has_surrogates(value: object) -> bool:
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogates(v) for v in value)
+    return False
+
+
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"PK\x03\x04": "zip"}
+
+
+def _zst_lines(path: str) -> Iterator[tuple[int, object]]:
+    """Lines of a ``.jsonl.zst`` stream; damage ends the file with one DataFormatError after the readable lines."""
+    import pyarrow as pa
+
+    stream = pa.input_stream(path, compression="zstd")
+    last = 0
+    try:
+        with io.BufferedReader(stream) as handle:
+            for last, value in _json_lines(handle, path):
+                yield last, value
+    except OSError as err:
+        with open(path, "rb") as raw:
+            head = raw.read(6)
+        kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+        hint = f": it is a {kind} file, not zstd" if kind else ""
+        yield (
+            last + 1,
+            DataFormatError(
+                f"{path}:{last + 1}: corrupt zstd stream ({err}){hint}; {last} lines were read before the damage, "
+                "the rest of the file is lost"
+            ),
+        )
 
 
 def _hub_rows(spec: str) -> Iterator[tuple[int, object]]:
@@ -97,19 +163,9 @@ def _raw_records(path: str) -> Iterator[tuple[int, object]]:
     if path.startswith(HUB_PREFIX):
         yield from _hub_rows(path)
     elif path.endswith(".json"):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(data, list):
-            raise DataFormatError(f"{path}:1: expected a JSON array of records, got {type(data).__name__}")
-        yield from enumerate(data, start=1)
+        yield from _json_array(path)
     elif path.endswith(".zst"):
-        import pyarrow as pa
-
-        with io.TextIOWrapper(pa.input_stream(path, compression="zstd"), encoding="utf-8") as handle:
-            yield from _json_lines(handle, path)
+        yield from _zst_lines(path)
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -119,10 +175,18 @@ def _raw_records(path: str) -> Iterator[tuple[int, object]]:
                 number += 1
                 yield number, row
     elif path.endswith((".jsonl", ".txt")):
-        with open(path, encoding="utf-8") as handle:
+        with open(path, "rb") as handle:
             yield from _json_lines(handle, path)
     else:
         raise DataFormatError(f"{path}: unsupported file type (expected .jsonl, .json, .jsonl.zst, .parquet, .txt)")
+
+
+def raw_records(path: str) -> Iterator[tuple[int, object]]:
+    """(line, parsed JSON value) of one file or ``hf://`` dataset, with no record format applied.
+
+    A line that is not valid JSON comes back as the ``DataFormatError`` naming it; raise or count it.
+    """
+    yield from _raw_records(path)
 
 
 def _need(raw: object, keys: tuple[str, ...], where: str, fmt: str) -> dict:
@@ -134,6 +198,20 @@ def _need(raw: object, keys: tuple[str, ...], where: str, fmt: str) -> dict:
     return raw
 
 
+def _optional_str(r: dict, key: str, where: str, fmt: str) -> str:
+    """A field that may be absent or null (then ""), else must be a string."""
+    value = r.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: {fmt} record field {key!r} must be a string (or absent), got {_kind(value)}")
+    return value
+
+
+def _kind(value: object) -> str:
+    return f"{type(value).__name__} {json.dumps(value, ensure_ascii=False, default=str)[:40]}"
+
+
 def _wudao(raw: object, where: str, **_) -> dict | None:
     r = _need(raw, ("title", "content"), where, "WuDao")
     return {"text": r["title"] + "\n\n" + r["content"]}
@@ -141,8 +219,12 @@ def _wudao(raw: object, where: str, **_) -> dict | None:
 
 def _pile(raw: object, where: str, pile_sets: list[str] | None = None, **_) -> dict | None:
     r = _need(raw, ("text",), where, "PILE")
-    if pile_sets is not None and (r.get("meta") or {}).get("pile_set_name") not in pile_sets:
-        return None
+    if pile_sets is not None:
+        meta = r.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise DataFormatError(f"{where}: PILE record field 'meta' must be an object, got {_kind(meta)}")
+        if meta.get("pile_set_name") not in pile_sets:
+            return None
     return {"text": r["text"]}
 
 
@@ -155,18 +237,9 @@ def _translation(raw: object, where: str, **_) -> dict | None:
 
 
 def _task(raw: object, where: str, **_) -> dict | None:
-    r = _need(raw, ("input", "output"), where, "task {id, input, output, type}")
-    return {"input": r["input"], "output": r["output"], "type": r.get("type")}
-
-
-def _optional_str(raw: dict, key: str, where: str, fmt: str) -> str:
-    """A field that may be missing or null (then ""), but must be a string when present."""
-    value = raw.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DataFormatError(f"{where}: {fmt} field {key!r} must be a string, got {type(value).__name__}")
-    return value
+    fmt = "task {id, input, output, type}"
+    r = _need(raw, ("input", "output"), where, fmt)
+    return {"input": r["input"], "output": r["output"], "type": _optional_str(r, "type", where, fmt) or None}
 
 
 def _turns(raw: dict, key: str, where: str) -> dict:
@@ -247,6 +320,28 @@ READERS: dict[str, tuple[str, Callable[..., dict | None]]] = {  # format -> (rec
 }
 
 
+READER_VERSION = 2  # bump when what the readers yield changes: tokenised shards keyed by it are rebuilt
+
+# record kind -> groups of fields; a record needs a non-blank value in at least one field of every group
+REQUIRED_TEXT: dict[str, tuple[tuple[str, ...], ...]] = {
+    "text": (("text",),),
+    "translation": (("en",), ("zh",)),
+    "task": (("output",),),
+    "instruction": (("output",), ("instruction", "input")),
+}
+
+
+def _empty_fields(fields: dict, kind: str) -> str | None:
+    """The first required group with only empty or blank fields ("text", "instruction/input"), or None."""
+    if "turns" in fields:  # a multi-round dialogue: every turn needs a question and an answer
+        blank = [i for i, t in enumerate(fields["turns"], 1) if not t["human"].strip() or not t["assistant"].strip()]
+        return f"turns {blank}" if blank else None
+    for group in REQUIRED_TEXT.get(kind, ()):
+        if not any(isinstance(fields.get(k), str) and fields[k].strip() for k in group):
+            return "/".join(group)
+    return None
+
+
 def record_kind(fmt: str) -> str:
     if fmt not in READERS:
         raise DataFormatError(f"unknown data format {fmt!r}; known formats: {sorted(READERS)}")
@@ -269,7 +364,8 @@ def read_records(
         what: the config key being read (for error messages), e.g. ``data.sources.zh.train``.
         stats: counters updated while reading.
         on_error: ``raise`` (default) stops at the first malformed record; ``skip`` counts it in ``stats`` and goes
-            on (the caller reports the count).
+            on (the caller reports the count). Records with empty text (``REQUIRED_TEXT``) are counted in
+            ``stats.empty`` and left out under both settings.
         **options: reader options (``pile_sets`` for PILE).
 
     Raises:
@@ -277,8 +373,7 @@ def read_records(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: expected raise or skip")
-    record_kind(fmt)
-    parse = READERS[fmt][1]
+    kind, parse = record_kind(fmt), READERS[fmt][1]
     stats = stats if stats is not None else ReadStats()
     for path in expand_paths(pattern, what):
         stats.files.append(path)
@@ -297,6 +392,11 @@ def read_records(
                 continue
             if fields is None:
                 stats.filtered += 1
+                continue
+            if empty := _empty_fields(fields, kind):
+                stats.empty += 1
+                if len(stats.skipped_examples) < 5:
+                    stats.skipped_examples.append(f"{where}: empty {empty}")
                 continue
             stats.read += 1
             yield Record(fields, path, line)

@@ -10,8 +10,12 @@ parameters; offload moves optimizer states (and parameters) to CPU memory. Activ
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
 
 GIB = 1024**3
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context, allocator fragmentation, communication buffers (a measured rule of thumb)
@@ -126,3 +130,29 @@ def partition_report(model) -> dict:
         "full_numel": full,
         "empty_parameters": empty,
     }
+
+
+class _Peak:
+    numel = 0
+
+
+@contextlib.contextmanager
+def track_materialised():
+    """Record the most parameter elements held in memory at once by parameters created inside the block.
+
+    Under ZeRO-3 each submodule's parameters are partitioned (``numel() == 0``) right after the submodule is built,
+    so the peak is about one submodule's size; building the whole model first and partitioning later peaks at the
+    full model. Yields an object whose ``numel`` holds the peak when the block ends.
+    """
+    peak, live = _Peak(), []
+
+    def on_register(module, name, param):
+        if param is not None:
+            live.append(weakref.ref(param))
+            peak.numel = max(peak.numel, sum(p.numel() for ref in live if (p := ref()) is not None))
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(on_register)
+    try:
+        yield peak
+    finally:
+        handle.remove()

@@ -1,6 +1,7 @@
 """DeepSpeed strategies: atomic sharded checkpoints, and the real ZeRO-3 engine on CPU for tests.
 
-``BillaDeepSpeedStrategy`` is Lightning's ``DeepSpeedStrategy`` whose checkpoints are written into
+``BillaDeepSpeedStrategy`` is Lightning's ``DeepSpeedStrategy`` whose backward scales the loss for gradient
+accumulation once (Lightning's division, not DeepSpeed's second one), and whose checkpoints are written into
 ``<path>.partial`` and renamed to ``<path>`` only after every rank finished its shard and a ``COMPLETE`` marker was
 written: a crash mid-save never leaves a directory that looks complete, and ``resume=auto`` ignores it.
 
@@ -34,6 +35,16 @@ class BillaDeepSpeedStrategy(DeepSpeedStrategy):
     """``DeepSpeedStrategy`` with atomic checkpoint directories."""
 
     strategy_name = "billa_deepspeed"
+
+    def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Backward through the engine without its division by the accumulation count.
+
+        Lightning's automatic optimisation already divides the loss by ``accumulate_grad_batches``;
+        ``DeepSpeedEngine.backward`` divides again unless ``scale_wrt_gas=False``. Scaled twice, the accumulated
+        gradient is 1/accumulation of the true one and gradient clipping acts at accumulation x the configured norm.
+        """
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         final = Path(self.broadcast(str(filepath)))

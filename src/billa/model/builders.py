@@ -35,7 +35,7 @@ def build_causal_lm(
         key: the config key that named ``pretrained_path``, for error messages.
     """
     if pretrained_path is None:
-        return LlamaForCausalLM(llama_config(architecture, vocab_size))
+        return random_init_llama(llama_config(architecture, vocab_size))
     model = AutoModelForCausalLM.from_pretrained(pretrained_path, dtype=torch.float32)
     weight = model.get_input_embeddings().weight
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitioned weights report their full shape there
@@ -71,3 +71,27 @@ def add_residual_dropout(model: PreTrainedModel, p: float) -> int:
         layer.mlp.register_forward_hook(mlp_hook)
         hooks += 2
     return hooks
+
+
+def random_init_llama(config: LlamaConfig) -> LlamaForCausalLM:
+    """A randomly initialised LLaMA: the same weights for the same seed, in one process or partitioned by ZeRO-3.
+
+    Inside DeepSpeed's partitioning context (``deepspeed.zero.Init``, entered by Lightning around ``configure_model``)
+    every submodule's parameters are partitioned as soon as it is built, so transformers' ``_init_weights`` would
+    write into empty tensors (embedding std 1.0 instead of ``initializer_range``). Here construction skips all
+    initialisation, then ``_init_weights`` runs once per module in transformers' order: on the full tensors in one
+    process, or on rank 0 inside ``GatheredParameters`` (broadcast and re-partitioned on exit) under ZeRO-3. Rank 0
+    draws exactly the random numbers one process draws.
+    """
+    from transformers import initialization
+
+    with initialization.no_init_weights():
+        model = LlamaForCausalLM(config)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # partitioned by deepspeed.zero.Init
+        from transformers.integrations.deepspeed import initialize_weights_zero3
+
+        initialize_weights_zero3(model)
+    else:
+        model.initialize_weights()
+    model.tie_weights()
+    return model

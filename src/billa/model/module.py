@@ -12,9 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import OmegaConf
 
 from billa.config import ConfigError
+from billa.distributed.memory import partition_report, track_materialised
 from billa.model.builders import add_residual_dropout, build_causal_lm
 
 IGNORE_INDEX = -100
@@ -48,9 +50,12 @@ class BillaLM(L.LightningModule):
         tokenizer_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the whole config from build_logger, redacted
         self.model = None
         self.val_loss_start: float | None = None
+        self.build_report: dict | None = None  # what this rank held right after building (PartitionReport)
+        self._step_sums: torch.Tensor | None = None  # (NLL sum, label tokens) of the current optimizer step
+        self._grad_norm: float | None = None
 
     def configure_model(self) -> None:
         """Build the model once (idempotent); under ZeRO-3 this runs inside the partitioning context."""
@@ -59,8 +64,9 @@ class BillaLM(L.LightningModule):
         spec = self.hparams.model
         path = self.hparams.init_from or spec.get("pretrained_path")
         key = "init_from" if self.hparams.init_from else "model.pretrained_path"
-        with self._zero3_pretrained_loading(path):
+        with self._zero3_pretrained_loading(path), track_materialised() as peak:
             self.model = build_causal_lm(spec["architecture"], self.hparams.vocab_size, path, key)
+        self.build_report = {**partition_report(self.model), "peak_materialised_numel": peak.numel}
         add_residual_dropout(self.model, float(spec.get("residual_dropout") or 0.0))
         self.model.train()  # from_pretrained returns eval mode
         if self.hparams.gradient_checkpointing:
@@ -90,12 +96,12 @@ class BillaLM(L.LightningModule):
         finally:
             del keep_alive
 
-    def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over the label tokens of the batch (labels -100 carry no loss).
+    def token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy (nats) of every label token, and the batch row each belongs to: shapes (N,), (N,).
 
-        The same loss as ``LlamaForCausalLM(..., labels=...)``, but lm_head runs only on positions that carry a
-        label: prompts, the part before a conditional-generation cut and padding never become (B, T, V) logits.
-        With BiLLa's 46,943-piece vocabulary that saves the logits' memory and lm_head FLOPs of every masked token.
+        lm_head runs only on positions that carry a label: prompts, the part before a conditional-generation cut and
+        padding never become (B, T, V) logits. With BiLLa's 46,943-piece vocabulary that saves the logits' memory and
+        lm_head FLOPs of every masked token. A batch without targets gives N = 0 with the graph intact.
         """
         hidden = self.model.model(
             input_ids=batch["input_ids"],
@@ -105,42 +111,140 @@ class BillaLM(L.LightningModule):
         labels = batch["labels"][:, 1:]  # position t predicts token t + 1
         keep = labels != IGNORE_INDEX  # (B, T-1)
         logits = self.model.lm_head(hidden[:, :-1][keep])  # (N, V): only where there is a label
-        if logits.shape[0] == 0:
-            return logits.sum() * 0.0  # a batch without targets: zero loss, graph intact
-        return F.cross_entropy(logits.float(), labels[keep])
+        nll = F.cross_entropy(logits.float(), labels[keep], reduction="none")  # (N,)
+        return nll, keep.nonzero()[:, 0]
+
+    def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over the label tokens of the batch (labels -100 carry no loss); 0 without targets.
+
+        The same loss as ``LlamaForCausalLM(..., labels=...)`` (see ``token_nll``).
+        """
+        nll, _ = self.token_nll(batch)
+        return nll.mean() if nll.numel() else nll.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model_step(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        """The micro batch's share of the optimizer step's token-mean loss, in Lightning's units.
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model_step(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        The objective of an optimizer step is the summed NLL of all its label tokens (every micro batch, every rank)
+        divided by their number ``N`` (``batch["step_label_tokens"]``, known from the data stream), as if the whole
+        global batch were one batch. Lightning divides what this returns by the accumulation count and data-parallel
+        strategies average gradients over ranks, so each micro batch returns ``nll_sum / (N / (ranks x accumulation))``
+        (the billa DeepSpeed strategies stop DeepSpeed from dividing by the accumulation count a second time).
+        Without ``step_label_tokens`` (another datamodule) the micro batch's own token mean is used.
+        """
+        nll, _ = self.token_nll(batch)
+        nll_sum = nll.sum()
+        step_tokens = batch.get("step_label_tokens")
+        if step_tokens is None:
+            normaliser = max(nll.numel(), 1)
+        else:
+            normaliser = int(step_tokens) / (self.trainer.world_size * self.trainer.accumulate_grad_batches)
+        if self._step_sums is None:
+            self._step_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (NLL sum, label tokens)
+        self._step_sums += torch.stack([nll_sum.detach().double(), nll.new_tensor(nll.numel(), dtype=torch.float64)])
+        if not self.trainer.fit_loop._should_accumulate():  # the optimizer step's last micro batch
+            self._log_step_loss(step_tokens)
+        return nll_sum / normaliser
 
-    def on_validation_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("val/loss")
-        if loss is not None:
-            self.log("val/ppl", torch.exp(loss.float().clamp(max=30)), sync_dist=True)
+    def _log_step_loss(self, step_tokens: int | None) -> None:
+        """Log ``train/loss``: the token-weighted loss of the whole optimizer step (all micro batches, all ranks)."""
+        nll_sum, tokens = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum").tolist()
+        self._step_sums.zero_()
+        if step_tokens is not None and int(tokens) != int(step_tokens):
+            raise RuntimeError(
+                f"step {self.global_step}: the ranks' micro batches hold {int(tokens)} label tokens but the data "
+                f"stream says the step has {int(step_tokens)}: ranks do not read disjoint shares of the global batch"
+            )
+        self.log("train/loss", nll_sum / max(tokens, 1), prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradient norm of the optimizer step, before clipping (DeepSpeed reports its own after the step)."""
+        if self._deepspeed_engine() is None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _deepspeed_engine(self):
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return strategy.deepspeed_engine if isinstance(strategy, DeepSpeedStrategy) else None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self.trainer.fit_loop._should_accumulate():
+            return
+        engine = self._deepspeed_engine()
+        norm = engine.get_global_grad_norm() if engine is not None else self._grad_norm
+        if norm is not None:  # the true gradient of the step, what gradient clipping compares with
+            self.log("train/grad_norm", float(norm), on_step=True, on_epoch=False)
+
+    def _val_sums(self) -> torch.Tensor:
+        return torch.zeros(len(self._val_source_names()), 3, dtype=torch.float64, device=self.device)
+
+    def _val_source_names(self) -> list[str]:
+        datamodule = self.trainer.datamodule
+        return list(getattr(datamodule, "val_sources", None) or sorted({e["source"] for e in datamodule.val_set}))
+
+    def _accumulate_val(self, batch: dict, sums: torch.Tensor) -> None:
+        """Add each row's (NLL sum, label tokens, label characters) to its source's row of ``sums`` (S, 3)."""
+        nll, rows = self.token_nll(batch)
+        n_rows = batch["input_ids"].shape[0]
+        per_row = torch.zeros(n_rows, 3, dtype=torch.float64, device=sums.device)  # (B, 3)
+        per_row[:, 0].index_add_(0, rows.to(sums.device), nll.double().to(sums.device))
+        per_row[:, 1] = torch.bincount(rows, minlength=n_rows).double().to(sums.device)
+        chars = batch.get("label_chars")
+        if chars is not None:
+            per_row[:, 2] = chars.double().to(sums.device)
+        names = self._val_source_names()
+        index = torch.tensor([names.index(s) for s in batch["source"]], device=sums.device)
+        sums.index_add_(0, index, per_row)
+
+    def _val_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        """Token-weighted ``val/loss``, ``val/ppl``, ``val/loss/<source>`` and ``val/bpc/<source>`` from summed counts.
+
+        Sums over every validation example of every rank, so the values depend neither on the micro batch nor on the
+        number of ranks. Bits per character = NLL (nats) / ln 2 / characters of the labelled text: comparable across
+        tokenizers and between Chinese and English, where one token covers very different amounts of text.
+        """
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum").cpu()
+        nll, tokens, chars = sums.sum(0).tolist()
+        if tokens == 0:
+            return {}
+        loss = nll / tokens
+        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 30.0))}
+        names = self._val_source_names()
+        for name, (source_nll, source_tokens, source_chars) in zip(names, sums.tolist(), strict=True):
+            if source_tokens:
+                metrics[f"val/loss/{name}"] = source_nll / source_tokens
+            if source_chars:
+                metrics[f"val/bpc/{name}"] = source_nll / math.log(2) / source_chars
+        return metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_totals = self._val_sums()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._accumulate_val(batch, self._val_totals)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._val_metrics(self._val_totals)
+        for key, value in metrics.items():  # identical on every rank (summed above); sync_dist=True only averages it
+            self.log(key, value, prog_bar=key == "val/loss", sync_dist=True)
 
     @torch.no_grad()
-    def evaluate_loss(self, dataloader) -> float:
-        """Token-weighted mean loss of ``dataloader`` (used for the step-0 baseline)."""
+    def evaluate(self, dataloader) -> dict[str, float]:
+        """The validation metrics of ``dataloader`` (this rank's share; collective: call on every rank)."""
         was_training = self.model.training
         self.model.eval()
-        total, tokens = 0.0, 0
+        sums = self._val_sums()
         for batch in dataloader:
-            batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with self.trainer.precision_plugin.forward_context():
-                loss = self.model_step(batch)
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total, tokens = total + float(loss) * n, tokens + n
+                self._accumulate_val(batch, sums)
         self.model.train(was_training)
-        return total / max(tokens, 1)
+        return self._val_metrics(sums)
+
+    def evaluate_loss(self, dataloader) -> float:
+        """Token-weighted mean loss of ``dataloader`` over all ranks (the step-0 baseline's ``val/loss``)."""
+        return self.evaluate(dataloader).get("val/loss", float("nan"))
 
     def on_train_start(self) -> None:
         if not (self.hparams.validate_at_start and self.global_step == 0 and self.trainer.datamodule is not None):
@@ -148,11 +252,10 @@ class BillaLM(L.LightningModule):
         loader = self.trainer.datamodule.val_dataloader()
         if len(loader) == 0:
             return
-        self.val_loss_start = self.evaluate_loss(loader)
+        metrics = self.evaluate(loader)  # the same metrics as every later validation, logged at step 0
+        self.val_loss_start = metrics.get("val/loss")
         for logger in self.loggers:
-            logger.log_metrics(
-                {"val/loss": self.val_loss_start, "val/ppl": math.exp(min(self.val_loss_start, 30))}, step=0
-            )
+            logger.log_metrics(metrics, step=0)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """RNG state travels with the checkpoint (tensors and plain types, so ``weights_only`` loading works).

@@ -25,10 +25,10 @@ import numpy as np
 import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-from tqdm.auto import tqdm
 
 from billa.config import ConfigError
 from billa.data.readers import read_records, record_kind
+from billa.progress import track
 from billa.tokenizer.load import save_tokenizer_dir
 from billa.tokenizer.sentencepiece_train import train_sentencepiece
 from billa.utils.logging import get_logger
@@ -166,7 +166,7 @@ def expand_tokenizer(
         ``tokenization_stats`` before/after for each of ``report_texts`` (e.g. ``{"zh": [...], "en": [...]}``).
     """
     base = load_base_model_proto(base_tokenizer)
-    texts = list(tqdm(chinese_texts, desc="reading Chinese text", unit=" lines", mininterval=2))
+    texts = list(track(chinese_texts, desc="reading Chinese text", unit="lines"))
     if not texts:
         raise ValueError("no Chinese text to train on: check op.chinese_text")
     log.info("Training a Chinese SentencePiece BPE model (%d pieces) on %d lines", vocab_size, len(texts))
