@@ -185,6 +185,7 @@ def test_convert_expand_vocab_end_to_end(tiny_base_model, base_dir, sample_corpu
             f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train/*.json', format: wudao}},"
             f"{{path: '{sample_corpus}/translation/train/*.jsonl', format: translation}}]",
             f"op.report_text={{zh: [{{path: '{sample_corpus}/wudao/val.json', format: wudao}}]}}",
+            f"op.english_text=[{{path: '{sample_corpus}/pile/val.jsonl', format: pile}}]",
             "op.pad_to_multiple_of=64",
         ],
         cwd=ROOT,
