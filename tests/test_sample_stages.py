@@ -188,7 +188,7 @@ def test_stage_2_trains_on_its_slice(cache_dir, sample_tokenizer_dir):
     """Catches the slice being computed but not used: the tokenised stage-2 stream holds exactly its slice's records."""
     from hydra.utils import instantiate
 
-    cfg = compose_train(["stage=task_mix", "trainer.max_steps=2", "data.val_max_records=4"], cache=cache_dir)
+    cfg = compose_train(["stage=task_mix", "trainer.max_steps=2", "scheduler.warmup_steps=1"], cache=cache_dir)
     datamodule = build_datamodule(cfg, validate(cfg), instantiate(cfg.model.tokenizer))
     datamodule.prepare_data()
     datamodule.setup("fit")
