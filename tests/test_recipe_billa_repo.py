@@ -69,9 +69,7 @@ def test_layout_and_stage_slices_follow_billas_file_start(billa_repo, cache_dir,
         datamodule.files("zh", "train")
 
 
-@pytest.mark.parametrize(
-    "stage", [pytest.param("pretrain", marks=pytest.mark.slow), "task_mix", pytest.param("sft", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("stage", [pytest.param("pretrain", marks=pytest.mark.slow), "task_mix", "sft"])
 def test_every_stage_trains_on_billas_layout(stage, billa_repo, cache_dir, sample_tokenizer_dir, tmp_path):
     """Bug caught: a stage that composes with data=billa_repo but cannot read a source of BiLLa's layout (record
     shape, prompts, file names), found only when a user's run starts."""
