@@ -193,7 +193,7 @@ def test_ckpt_path_resumes_from_a_checkpoint_file_or_a_checkpoints_directory(tra
 
 def test_skipped_records_are_reported_at_the_end_of_the_run(tmp_path, cache_dir, sample_corpus, caplog):
     """README: with ``data.on_error=skip`` malformed records are counted, logged and reported at the end of the run."""
-    good = (sample_corpus / "pile" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    good = (sample_corpus / "pile" / "train" / "00000.jsonl").read_text(encoding="utf-8").splitlines()
     bad = tmp_path / "pile_with_errors.jsonl"
     bad.write_text("\n".join([*good[:50], '{"text": "cut off', *good[50:], '{"meta": {}}']) + "\n", encoding="utf-8")
     cfg = compose_train(
