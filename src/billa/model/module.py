@@ -168,11 +168,11 @@ class BillaLM(L.LightningModule):
         ``gradient_clip_val`` (which the trainer then leaves unset).
         """
         if self._deepspeed_engine() is None:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
             self._grad_norm = float(norm) if norm is not None else 0.0
-            if self.hparams.get("clip_grad_norm") and grads:  # bf16-mixed + fused AdamW: Lightning will not clip
-                torch.nn.utils.clip_grads_with_norm_(grads, self.hparams.clip_grad_norm, norm, foreach=True)
+            if self.hparams.get("clip_grad_norm") and params:  # bf16-mixed + fused AdamW: Lightning will not clip
+                torch.nn.utils.clip_grads_with_norm_(params, self.hparams.clip_grad_norm, norm, foreach=True)
 
     def _deepspeed_engine(self):
         strategy = self._trainer.strategy if self._trainer is not None else None
