@@ -157,3 +157,42 @@ def test_chunked_loss_and_gradients_equal_one_piece():
     module.hparams.loss_chunk_tokens = 5
     with torch.no_grad():  # validation path: chunks without checkpointing
         torch.testing.assert_close(module.model_step(batch), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_layout_is_chosen_by_device_and_attention_implementation():
+    """CPU keeps the 4D mask whatever the kernel; CUDA + SDPA passes position ids; CUDA + flash flattens."""
+    from billa.model.packing import packed_layout
+
+    assert packed_layout("cpu", "sdpa") == packed_layout("cpu", "flash_attention_2") == "mask"
+    assert packed_layout("cuda", "eager") == packed_layout("cuda", None) == "mask"
+    assert packed_layout("cuda", "sdpa") == "position_ids"
+    assert packed_layout("cuda", "flash_attention_2") == packed_layout("cuda", "flash_attention_3") == "flatten"
+
+
+def test_packed_rows_without_a_4d_mask_give_the_unpacked_losses():
+    """Packed rows fed by position ids (rows kept, or flattened to one row) give each sample its unpacked loss.
+
+    Runs transformers' SDPA path on CPU, the same mask derivation it uses on a GPU. Catches a flattened batch whose
+    row boundaries leak (row r's last token predicting row r+1's first label: one label token too many) and a
+    position-id layout in which samples attend across their boundary (another loss for every sample but the first).
+    """
+    from billa.data.collate import PackCollator, PadCollator
+    from billa.model.packing import feed_packed
+
+    module = _module()
+    module.model.eval()
+    assert module.model.config._attn_implementation == "sdpa"
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for n in (5, 9, 3, 12, 7):
+        ids = [1, *torch.randint(3, 97, (n - 1,), generator=g).tolist()]
+        items.append({"input_ids": ids, "labels": list(ids)})
+    packed = PackCollator(pad_id=0, max_len=16)(items)
+    with torch.no_grad():
+        reference = module.token_nll(PadCollator(pad_id=0)(items))[0].sort().values
+        for layout in ("position_ids", "flatten"):
+            fed = feed_packed(packed, layout)
+            assert fed["attention_mask"] is None
+            nll = module.token_nll(fed)[0]
+            assert nll.shape == reference.shape, layout
+            torch.testing.assert_close(nll.sort().values, reference, rtol=1e-5, atol=1e-5, msg=layout)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from billa.distributed.memory import partition_report, track_materialised
 from billa.model.builders import build_causal_lm
 from billa.model.loss import lm_head_nll
+from billa.model.packing import feed_packed, packed_layout
 
 IGNORE_INDEX = -100
 
@@ -99,6 +100,11 @@ class BillaLM(L.LightningModule):
         finally:
             del keep_alive
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Packed rows on a GPU with SDPA or flash-attention travel without their T x T mask (``billa.model.packing``)."""
+        impl = getattr(self.model.config, "_attn_implementation", None) if self.model is not None else None
+        return feed_packed(batch, packed_layout(self.device.type, impl))
+
     def token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy (nats) of every label token, and the batch row each belongs to: shapes (N,), (N,).
 
@@ -109,8 +115,9 @@ class BillaLM(L.LightningModule):
         """
         hidden = self.model.model(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],  # (B, T) padding mask, or (B, 1, T, T) for packed rows
+            attention_mask=batch["attention_mask"],  # (B, T) padding, (B, 1, T, T) packed, None: packed by position
             position_ids=batch.get("position_ids"),  # restarts per sample in packed rows
+            use_cache=False,  # no KV cache in training (with one, transformers ignores packed position ids)
         ).last_hidden_state  # (B, T, H)
         labels = batch["labels"][:, 1:]  # position t predicts token t + 1
         keep = labels != IGNORE_INDEX  # (B, T-1)
