@@ -10,7 +10,6 @@ from collections.abc import Mapping
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import OmegaConf
@@ -101,7 +100,7 @@ class BillaLM(L.LightningModule):
             del keep_alive
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Packed rows on a GPU with SDPA or flash-attention travel without their T x T mask (``billa.model.packing``)."""
+        """Packed rows on a GPU with SDPA or flash-attention travel without their T x T mask (``model/packing.py``)."""
         impl = getattr(self.model.config, "_attn_implementation", None) if self.model is not None else None
         return feed_packed(batch, packed_layout(self.device.type, impl))
 
