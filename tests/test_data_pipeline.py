@@ -81,6 +81,35 @@ def _settings(source="en", max_len=64):
     return ObjectiveSettings(source, "pile", "causal_lm", max_len, 0, False)
 
 
+def test_pool_splits_files_into_chunks_and_writes_the_same_shards(tmp_path, sample_tokenizer_dir, monkeypatch):
+    """num_proc=2 tokenises chunks of records (below the file level) into the same shards as one process.
+
+    One file of 11 records in chunks of 3 (4 units of work) and a second small file: the pooled pass must write each
+    shard's rows in file order, byte for byte what num_proc=1 writes, under the same cache key. Catches chunks
+    written in completion order (rows permuted), a chunk lost or duplicated at a file boundary, and stats of one
+    file leaking into the next.
+    """
+    from billa.data import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_CHUNK", 3)  # driver-side: the size of each unit of work
+    data = tmp_path / "data"
+    data.mkdir()
+    _jsonl(data / "big.jsonl", [{"text": f"line {j} 你好 " * (1 + j % 4)} for j in range(11)])
+    _jsonl(data / "small.jsonl", [{"text": "small 1"}, {"text": "small 2"}])
+    passes = {}
+    for num_proc in (1, 2):
+        cache = tmp_path / f"cache{num_proc}"
+        args = (str(data / "*.jsonl"), _settings(), sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), cache)
+        dataset, stats = tokenize_source(*args, num_proc=num_proc)
+        arrows = sorted(cache.rglob("data.arrow"))
+        passes[num_proc] = (dataset.with_format("python")[:], stats, [p.relative_to(cache) for p in arrows], arrows)
+    (rows1, stats1, names1, files1), (rows2, stats2, names2, files2) = passes[1], passes[2]
+    assert len(rows1["input_ids"]) == 13 and stats1["records"] == 13
+    assert rows2 == rows1 and stats2 == stats1
+    assert names2 == names1  # same cache key and shard layout
+    assert [p.read_bytes() for p in files2] == [p.read_bytes() for p in files1]
+
+
 def test_tokenise_once_reuses_and_resumes(tmp_path, sample_tokenizer_dir):
     data = tmp_path / "data"
     data.mkdir()

@@ -1,7 +1,8 @@
 """Tokenise once: records -> (input_ids, labels) written as memory-mapped Arrow shards, reused across runs.
 
-Every input file is one unit of work, processed by a pool of ``num_proc`` workers in chunks (one batched encode per
-chunk) and streamed into an Arrow file under ``<cache>/<source>/<key>/<file hash>/``, renamed into place only when
+Every input file is read in chunks of records (one batched encode per chunk); with ``num_proc`` > 1 the chunks, not
+the files, are the pool's unit of work, so one large shard keeps every worker busy. Each file's chunks are streamed in
+order into an Arrow file under ``<cache>/<source>/<key>/<file hash>/``, renamed into place only when
 complete. The key covers what determines the tokens: the file's content (a BLAKE2 hash of its bytes), the tokenizer
 files, the objective and its settings (max length, seed, prompts, source name). Rerunning reuses every finished
 shard; a killed pass redoes only the files whose shards were not finished. ``datasets`` memory-maps the shards, so a
@@ -10,12 +11,14 @@ shard; a killed pass redoes only the files whose shards were not finished. ``dat
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,10 +155,8 @@ def _encode_chunk(records: list, settings: ObjectiveSettings, ctx: ObjectiveCont
     return examples, dropped
 
 
-def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> ShardResult:
-    """Read one file in chunks, apply the objective, stream Arrow record batches, rename the shard into place."""
-    import pyarrow as pa
-
+def _encode_records(records: list, settings: ObjectiveSettings) -> tuple[list, int]:
+    """Worker task: one chunk of records -> rows ``(input_ids, labels, line)`` and the count of dropped records."""
     tokenizer = _WORKER["tokenizer"]
     ctx = ObjectiveContext(
         encode=None,
@@ -165,42 +166,108 @@ def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> Sh
         prompts=_WORKER["prompts"],
         translation_extra_newline=settings.translation_extra_newline,
     )
-    stats = ReadStats()
-    tmp = Path(shard_dir + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    n_examples = dropped = 0
+    examples, dropped = _encode_chunk(records, settings, ctx, tokenizer)
+    return [(e.input_ids, e.labels, line) for e, line in examples], dropped
+
+
+def _record_chunks(path: str, settings: ObjectiveSettings, stats: ReadStats) -> Iterator[list]:
+    """The records of one file in chunks of ``_CHUNK`` (the unit of work below the file level)."""
     what = f"data.sources.{settings.source}"
     records = read_records(path, settings.fmt, what, stats, settings.on_error, **dict(settings.reader_options))
-    with pa.OSFile(str(tmp / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
-        while chunk := list(itertools.islice(records, _CHUNK)):
-            examples, chunk_dropped = _encode_chunk(chunk, settings, ctx, tokenizer)
-            dropped += chunk_dropped
-            n_examples += len(examples)
-            if examples:
-                writer.write_batch(
-                    pa.record_batch(
-                        [
-                            pa.array([e.input_ids for e, _ in examples], pa.list_(pa.int32())),
-                            pa.array([e.labels for e, _ in examples], pa.list_(pa.int32())),
-                            pa.array([line for _, line in examples], pa.int64()),
-                        ],
-                        schema=_schema(),
-                    )
-                )
-    result_stats = {
-        "records": stats.read,
-        "filtered": stats.filtered,
-        "skipped_malformed": stats.skipped,
-        "skipped_examples": stats.skipped_examples,
-        "no_target_after_truncation": dropped,
-    }
-    (tmp / _SHARD_DONE).write_text(json.dumps({"file": path, "examples": n_examples, "stats": result_stats}))
-    try:
-        os.replace(tmp, shard_dir)
-    except OSError:  # a concurrent pass finished the same shard: identical content
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ShardResult(shard_dir, n_examples, result_stats)
+    while chunk := list(itertools.islice(records, _CHUNK)):
+        yield chunk
+
+
+class _ShardWriter:
+    """Streams one file's encoded chunks, in order, into a temporary Arrow shard; ``close`` renames it into place."""
+
+    def __init__(self, path: str, shard_dir: str):
+        import pyarrow as pa
+
+        self.path, self.shard_dir, self.stats = path, shard_dir, ReadStats()
+        self.tmp = Path(shard_dir + f".tmp{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.sink = pa.OSFile(str(self.tmp / "data.arrow"), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, _schema())
+        self.examples = self.dropped = 0
+
+    def write(self, rows: list, dropped: int) -> None:
+        import pyarrow as pa
+
+        self.dropped += dropped
+        self.examples += len(rows)
+        if rows:
+            ids, labels, lines = zip(*rows, strict=True)
+            columns = [
+                pa.array(ids, pa.list_(pa.int32())),
+                pa.array(labels, pa.list_(pa.int32())),
+                pa.array(lines, pa.int64()),
+            ]
+            self.writer.write_batch(pa.record_batch(columns, schema=_schema()))
+
+    def close(self) -> ShardResult:
+        self.writer.close()
+        self.sink.close()
+        stats = self.stats
+        result_stats = {
+            "records": stats.read,
+            "filtered": stats.filtered,
+            "skipped_malformed": stats.skipped,
+            "skipped_examples": stats.skipped_examples,
+            "no_target_after_truncation": self.dropped,
+        }
+        done = {"file": self.path, "examples": self.examples, "stats": result_stats}
+        (self.tmp / _SHARD_DONE).write_text(json.dumps(done))
+        try:
+            os.replace(self.tmp, self.shard_dir)
+        except OSError:  # a concurrent pass finished the same shard: identical content
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return ShardResult(self.shard_dir, self.examples, result_stats)
+
+
+def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> ShardResult:
+    """Read one file in chunks, apply the objective, stream Arrow record batches, rename the shard into place."""
+    shard = _ShardWriter(path, shard_dir)
+    for chunk in _record_chunks(path, settings, shard.stats):
+        shard.write(*_encode_records(chunk, settings))
+    return shard.close()
+
+
+def _tokenize_pooled(
+    todo: list[tuple[str, str]], settings: ObjectiveSettings, pool: ProcessPoolExecutor, window: int
+) -> Iterator[tuple[str, ShardResult]]:
+    """Tokenise ``todo`` (file, shard) with chunks of records, not files, as the pool's unit of work.
+
+    The driver reads each file and submits its chunks; up to ``window`` chunks are in flight across files, so one
+    large shard keeps every worker busy and small files do not wait for each other. Results are written in
+    submission order, so each shard is byte-for-byte what one process writes (same cache key, same layout).
+    Yields (file, result) as each file's shard is complete.
+    """
+    pending: collections.deque = collections.deque()  # (writer, future) in order; future None: the file is read
+    in_flight = 0
+
+    def pop() -> tuple[str, ShardResult] | None:
+        nonlocal in_flight
+        writer, future = pending.popleft()
+        if future is None:
+            return writer.path, writer.close()
+        in_flight -= 1
+        writer.write(*future.result())
+        return None
+
+    for path, shard_dir in todo:
+        writer = _ShardWriter(path, shard_dir)
+        for chunk in _record_chunks(path, settings, writer.stats):
+            pending.append((writer, pool.submit(_encode_records, chunk, settings)))
+            in_flight += 1
+            while in_flight > window:
+                if done := pop():
+                    yield done
+        pending.append((writer, None))
+    while pending:
+        if done := pop():
+            yield done
 
 
 # ---- driver side -------------------------------------------------------------------------------------------------
@@ -231,13 +298,13 @@ def tokenize_source(
             todo.append((path, str(shard)))
     if todo:
         desc = f"tokenising {settings.source} ({len(todo)} of {len(files)} files)"
-        if num_proc > 1 and len(todo) > 1:
+        if num_proc > 1:
             # spawn, not fork: the caller may already hold threads (DataLoader, gloo, tokenizers' pool)
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer_dir, prompts_dir)) as pool:
-                futures = {pool.submit(_tokenize_file, path, settings, shard): path for path, shard in todo}
-                for future in tqdm(futures, desc=desc, unit="file"):
-                    shards[futures[future]] = future.result()
+                done = _tokenize_pooled(todo, settings, pool, window=2 * num_proc)
+                for path, result in tqdm(done, desc=desc, unit="file", total=len(todo)):
+                    shards[path] = result
         else:
             _init_worker(tokenizer_dir, prompts_dir)
             for path, shard in tqdm(todo, desc=desc, unit="file", disable=len(todo) < 2):
