@@ -39,6 +39,7 @@ from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArg
 from billa.data.collate import PackCollator, PadCollator  # noqa: E402
 from billa.model.builders import llama_config  # noqa: E402
 from billa.model.module import BillaLM  # noqa: E402
+from billa.model.packing import MASK, packed_layout  # noqa: E402
 from billa.model.schedule import cosine_with_warmup  # noqa: E402
 
 VOCAB, LR, CLIP = 46_943, 3e-4, 2.0
@@ -140,7 +141,9 @@ def run_billa(setup: Setup, samples, steps, warmup, layout: str) -> tuple[float,
         clip_grad_norm=CLIP if setup.bf16 else None,
     )
     module.model = setup.model()
-    collate = PackCollator(0, setup.args.max_len) if layout == "pack" else PadCollator(0)
+    device = "cuda" if setup.gpu else "cpu"  # as BillaDataModule: no 4D mask where SDPA reads the position ids
+    pack_mask = packed_layout(device, module.model.config._attn_implementation) == MASK
+    collate = PackCollator(0, setup.args.max_len, mask=pack_mask) if layout == "pack" else PadCollator(0)
     clock = _Clock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(

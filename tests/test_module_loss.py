@@ -188,10 +188,13 @@ def test_packed_rows_without_a_4d_mask_give_the_unpacked_losses():
         ids = [1, *torch.randint(3, 97, (n - 1,), generator=g).tolist()]
         items.append({"input_ids": ids, "labels": list(ids)})
     packed = PackCollator(pad_id=0, max_len=16)(items)
+    unmasked = PackCollator(pad_id=0, max_len=16, mask=False)(items)  # what BillaDataModule builds for a GPU
+    assert unmasked["attention_mask"] is None
+    assert all(torch.equal(unmasked[k], packed[k]) for k in ("input_ids", "labels", "position_ids"))
     with torch.no_grad():
         reference = module.token_nll(PadCollator(pad_id=0)(items))[0].sort().values
-        for layout in ("position_ids", "flatten"):
-            fed = feed_packed(packed, layout)
+        for layout, batch in (("position_ids", packed), ("flatten", packed), ("position_ids", unmasked)):
+            fed = feed_packed(batch, layout)
             assert fed["attention_mask"] is None
             nll = module.token_nll(fed)[0]
             assert nll.shape == reference.shape, layout

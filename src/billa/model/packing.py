@@ -39,9 +39,11 @@ def packed_layout(device_type: str, attn_implementation: str | None) -> str:
 
 
 def is_packed(batch: dict) -> bool:
-    """A PackCollator batch: position ids and a 4D mask."""
+    """A PackCollator batch: position ids and a 4D mask, or no mask at all (``PackCollator(mask=False)``)."""
     mask = batch.get("attention_mask")
-    return batch.get("position_ids") is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4
+    return batch.get("position_ids") is not None and (
+        mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+    )
 
 
 def feed_packed(batch: dict, layout: str) -> dict:
@@ -50,7 +52,11 @@ def feed_packed(batch: dict, layout: str) -> dict:
     ``flatten`` also sets the label of every row's first token to -100: after flattening, the last token of row r
     would predict it, which the per-row shift never did (each row's first label is unused there).
     """
-    if layout == MASK or not is_packed(batch):
+    if not is_packed(batch):
+        return batch
+    if layout == MASK:
+        if batch["attention_mask"] is None:
+            raise ValueError("packed rows without a 4D mask on a device/attention implementation that needs one")
         return batch
     batch = {**batch, "attention_mask": None}
     if layout == FLATTEN:
