@@ -26,27 +26,14 @@ from pathlib import Path
 import datasets
 from tqdm.auto import tqdm
 
-from billa.data.objectives import OBJECTIVES, ObjectiveContext, load_prompts, record_rng
+from billa.data.objectives import load_prompts
 from billa.data.readers import HUB_PREFIX, ReadStats, expand_paths, read_records
+from billa.data.tokenise_worker import _CHUNK, ObjectiveSettings, _encode_records, _init_worker, _schema
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 _SHARD_DONE = "billa_shard.json"
-
-
-@dataclass(frozen=True)
-class ObjectiveSettings:
-    """Everything besides the input file that determines the tokens of a shard."""
-
-    source: str
-    fmt: str
-    objective: str
-    max_len: int
-    seed: int
-    translation_extra_newline: bool
-    reader_options: tuple = ()
-    on_error: str = "raise"
 
 
 @dataclass
@@ -105,71 +92,7 @@ def prompts_fingerprint(prompts_dir: str) -> str:
     return fingerprint(json.dumps(load_prompts(prompts_dir), sort_keys=True, ensure_ascii=False))
 
 
-# ---- worker side -------------------------------------------------------------------------------------------------
-_WORKER: dict = {}
-
-
-def _init_worker(tokenizer_dir: str, prompts_dir: str) -> None:
-    from billa.tokenizer.load import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_dir)
-    _WORKER["tokenizer"] = tokenizer
-    _WORKER["prompts"] = load_prompts(prompts_dir)
-
-
-_CHUNK = 2000  # records tokenised together (one batched encode, one Arrow record batch)
-
-
-def _schema():
-    import pyarrow as pa
-
-    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("line", pa.int64())])
-
-
-def _encode_chunk(records: list, settings: ObjectiveSettings, ctx: ObjectiveContext, tokenizer) -> tuple[list, int]:
-    """Apply the objective to a chunk of records with one batched encode.
-
-    Objectives are pure functions whose strings to encode depend only on the record and its RNG, so a first pass
-    records those strings, one batched call encodes them, and a second pass builds the examples from the lookup.
-    """
-    objective = OBJECTIVES[settings.objective]
-    wanted: dict[str, None] = {}
-
-    def record_text(text: str) -> list[int]:
-        wanted[text] = None
-        return []
-
-    ctx.encode = record_text
-    for record in records:
-        objective(record.fields, ctx, record_rng(settings.seed, settings.source, record.where))
-    texts = list(wanted)
-    encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)) if texts else {}
-    ctx.encode = encoded.__getitem__
-    examples, dropped = [], 0
-    for record in records:
-        example = objective(record.fields, ctx, record_rng(settings.seed, settings.source, record.where))
-        if example is None:
-            dropped += 1
-        else:
-            examples.append((example, record.line))
-    return examples, dropped
-
-
-def _encode_records(records: list, settings: ObjectiveSettings) -> tuple[list, int]:
-    """Worker task: one chunk of records -> rows ``(input_ids, labels, line)`` and the count of dropped records."""
-    tokenizer = _WORKER["tokenizer"]
-    ctx = ObjectiveContext(
-        encode=None,
-        bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id,
-        max_len=settings.max_len,
-        prompts=_WORKER["prompts"],
-        translation_extra_newline=settings.translation_extra_newline,
-    )
-    examples, dropped = _encode_chunk(records, settings, ctx, tokenizer)
-    return [(e.input_ids, e.labels, line) for e, line in examples], dropped
-
-
+# ---- worker side: billa.data.tokenise_worker (a light module, so spawned workers start fast) -----------------------
 def _record_chunks(path: str, settings: ObjectiveSettings, stats: ReadStats) -> Iterator[list]:
     """The records of one file in chunks of ``_CHUNK`` (the unit of work below the file level)."""
     what = f"data.sources.{settings.source}"
