@@ -7,7 +7,7 @@ contender runs in its own process (a fresh allocator), on fully labelled rows (t
 no masked positions to skip). On CUDA the figure is ``torch.cuda.max_memory_allocated``; on CPU the process's
 peak resident set (``ru_maxrss``). Prints each peak and billa's saving.
 
-    python benchmarks/loss_memory.py                                   # CPU default: micro batch 4 x 512
+    python benchmarks/loss_memory.py                                   # CPU default: micro batch 8 x 512
     python benchmarks/loss_memory.py --batch 8 --seq 1024 --device cuda   # the issue's size
 """
 
@@ -73,7 +73,7 @@ def _step(contender: str, batch: int, seq: int, device: str, chunk: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--chunk", type=int, default=2048, help="billa's loss_chunk_tokens")
