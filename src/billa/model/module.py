@@ -99,19 +99,17 @@ class BillaLM(L.LightningModule):
         finally:
             del keep_alive
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Packed rows on a GPU with SDPA or flash-attention travel without their T x T mask (``model/packing.py``)."""
-        impl = getattr(self.model.config, "_attn_implementation", None) if self.model is not None else None
-        return feed_packed(batch, packed_layout(self.device.type, impl))
-
     def token_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy (nats) of every label token, and the batch row each belongs to: shapes (N,), (N,).
 
         lm_head runs only on positions that carry a label: prompts, the part before a conditional-generation cut and
         padding never become (B, T, V) logits. With BiLLa's 46,943-piece vocabulary that saves the logits' memory and
         lm_head FLOPs of every masked token; the rest run in chunks of ``loss_chunk_tokens`` (``lm_head_nll``) so the
-        (N, V) logits never exist whole. A batch without targets gives N = 0 with the graph intact.
+        (N, V) logits never exist whole. A batch without targets gives N = 0 with the graph intact. Packed rows on a
+        GPU with SDPA or flash-attention go by their position ids, not a T x T mask (``model/packing.py``).
         """
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        batch = feed_packed(batch, packed_layout(batch["input_ids"].device.type, impl))  # GPU: no T x T mask
         hidden = self.model.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],  # (B, T) padding, (B, 1, T, T) packed, None: packed by position
