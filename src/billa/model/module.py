@@ -119,6 +119,8 @@ class BillaLM(L.LightningModule):
         labels = batch["labels"][:, 1:]  # position t predicts token t + 1
         keep = labels != IGNORE_INDEX  # (B, T-1)
         chunk = self.hparams.get("loss_chunk_tokens", 2048)
+        if hasattr(self.model.lm_head.weight, "ds_id"):  # ZeRO-3: every lm_head call is a collective gather, and
+            chunk = 0  # ranks hold different label counts, so different chunk counts would deadlock: one piece
         nll = lm_head_nll(self.model.lm_head, hidden[:, :-1][keep], labels[keep], chunk)  # (N,), logits in chunks
         return nll, keep.nonzero()[:, 0]
 

@@ -52,12 +52,8 @@ def feed_packed(batch: dict, layout: str) -> dict:
     ``flatten`` also sets the label of every row's first token to -100: after flattening, the last token of row r
     would predict it, which the per-row shift never did (each row's first label is unused there).
     """
-    if not is_packed(batch):
-        return batch
-    if layout == MASK:
-        if batch["attention_mask"] is None:
-            raise ValueError("packed rows without a 4D mask on a device/attention implementation that needs one")
-        return batch
+    if layout == MASK or not is_packed(batch) or batch["attention_mask"] is None:
+        return batch  # a batch already fed by position ids stays so: transformers derives the mask from them
     batch = {**batch, "attention_mask": None}
     if layout == FLATTEN:
         labels = batch["labels"].clone()
