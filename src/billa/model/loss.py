@@ -2,11 +2,12 @@
 
 With BiLLa's 46,943-piece vocabulary the logits of a step are its largest activation: 8 x 1,024 label tokens give
 (8,192 x 46,943) fp32 = 1.5 GB, twice over with their gradient, plus the bf16 copy lm_head wrote. The technique is
-the one of Liger Kernel's fused linear cross-entropy, in plain torch so it runs on CPU, CUDA and under ZeRO-3: each
+the one of Liger Kernel's fused linear cross-entropy, in plain torch so it runs on CPU and CUDA with any strategy: each
 chunk of ``chunk_tokens`` rows runs lm_head and the loss under non-reentrant activation checkpointing, so the forward
 keeps only the chunk's (n,) losses and the backward recomputes one chunk's logits at a time. Calling ``lm_head`` as a
-module (not its weight) keeps ZeRO-3's gather hooks working in both passes. Cost: lm_head's forward runs twice
-(+2·N·H·V FLOPs, ~1 % of a LLaMA-7B step at V = 46,943).
+module (not its weight) keeps ZeRO-3's gather hooks working in both passes, but under ZeRO-3 every call is a
+collective and ranks hold different N, so ``BillaLM`` passes ``chunk_tokens=0`` there (one piece). Cost: lm_head's
+forward runs twice (+2·N·H·V FLOPs, ~1 % of a LLaMA-7B step at V = 46,943).
 """
 
 from __future__ import annotations
