@@ -48,7 +48,7 @@ SCHEDULER = {"_target_": "billa.model.schedule.cosine_with_warmup", "_partial_":
 
 
 def billa_optimizer(bf16: bool) -> dict:
-    """The optimizer node billa's train.py builds for this precision (fused AdamW, except under Lightning AMP)."""
+    """The optimizer node billa's train.py builds for this precision (fused AdamW, kept under bf16-mixed)."""
     from hydra import compose, initialize_config_dir
 
     from billa.train import optimizer_config
@@ -116,6 +116,7 @@ def run_billa(items, steps, warmup, bf16, batch) -> float:
         scheduler=SCHEDULER,
         total_steps=steps,
         validate_at_start=False,
+        clip_grad_norm=2.0 if bf16 else None,  # as billa.train.run: bf16-mixed keeps fused AdamW and clips itself
     )
     module.model = fresh_model()
     clock = _Clock(warmup)
@@ -125,7 +126,7 @@ def run_billa(items, steps, warmup, bf16, batch) -> float:
             devices=1,
             precision="bf16-mixed" if bf16 else "32-true",
             max_steps=steps,
-            gradient_clip_val=2.0,
+            gradient_clip_val=None if bf16 else 2.0,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,

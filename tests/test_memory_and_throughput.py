@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from billa.callbacks import flops_per_token
 from billa.config import ConfigError, plan_batch
 from billa.distributed.memory import GIB, plan_memory
-from billa.train import check_memory, optimizer_config
+from billa.train import check_memory, clips_in_module, optimizer_config
 
 from .conftest import CONF
 
@@ -79,7 +79,7 @@ def test_offload_hardware_uses_deepspeed_cpu_adam(compose):
     node = optimizer_config(compose(["hardware=8xa100-offload", "data=billa"]))
     assert node["_target_"] == "deepspeed.ops.adam.DeepSpeedCPUAdam" and node["adamw_mode"] is True
     assert node["betas"] == [0.9, 0.95] and "fused" not in node
-    assert "fused" not in optimizer_config(compose(["hardware=1xa100"]))  # Lightning AMP cannot clip fused Adam
+    assert "fused" not in optimizer_config(compose(["hardware=cpu", "hardware.precision=16-mixed"]))  # loss scaling
     assert optimizer_config(compose(["hardware=cpu"]))["fused"] is True
 
 
@@ -97,3 +97,51 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+
+
+def test_bf16_mixed_keeps_fused_adamw_and_billa_clips(compose, tmp_path):
+    """bf16-mixed without DeepSpeed: fused AdamW stays, and BillaLM clips the gradient norm before the step.
+
+    Catches dropping ``fused`` again under bf16 (the step benchmark's bf16 slowdown), handing the clip back to
+    Lightning (which raises for a fused optimizer) and a module clip that is not applied.
+    """
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from billa.data.collate import PadCollator
+    from billa.model.module import BillaLM
+
+    cfg = compose(["hardware=cpu", "hardware.precision=bf16-mixed", "optimizer.lr=1e-3"])
+    node = optimizer_config(cfg)
+    assert node["fused"] is True and clips_in_module(cfg)
+    assert not clips_in_module(compose(["hardware=cpu"]))  # fp32: Lightning clips as before
+    arch = dict(cfg.model.architecture)
+    module = BillaLM(
+        model={"architecture": arch, "pretrained_path": None},
+        vocab_size=64,
+        optimizer=node,
+        scheduler={"_target_": "billa.model.schedule.cosine_with_warmup", "_partial_": True, "warmup_steps": 1},
+        total_steps=1,
+        validate_at_start=False,
+        clip_grad_norm=1e-3,
+    )
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    items = [{"input_ids": row, "labels": row} for row in ids]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=1,
+        gradient_clip_val=None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, DataLoader(items, batch_size=2, collate_fn=PadCollator(0)))
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert module._grad_norm > 1e-2  # the unclipped norm, logged as train/grad_norm
+    clipped = torch.nn.utils.get_total_norm([p.grad for p in module.model.parameters() if p.grad is not None])
+    assert float(clipped) == pytest.approx(1e-3, rel=1e-3)

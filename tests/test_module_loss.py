@@ -128,3 +128,74 @@ def test_training_loss_is_normalised_by_the_steps_label_tokens():
     module._trainer = None
     module.model_step(whole).backward()  # the token mean of the whole step in one batch
     torch.testing.assert_close(accumulated, module.model.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_and_gradients_equal_one_piece():
+    """lm_head + cross-entropy in chunks (loss_chunk_tokens) gives today's loss and gradients to fp32 tolerance.
+
+    Catches a chunking bug: a dropped or duplicated last partial chunk, labels split out of step with the hidden
+    states, or a checkpointed chunk whose recomputed backward misses lm_head's or the hidden states' gradient.
+    """
+    g = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(3, 97, (3, 12), generator=g)
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # 3 x 7 = 21 label tokens after the shift: chunks of 5 leave a partial last chunk
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    results = []
+    for chunk in (0, 5):
+        module = _module()
+        module.hparams.loss_chunk_tokens = chunk
+        loss = module.model_step(batch)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in module.model.named_parameters()}
+        results.append((loss.detach(), grads))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert whole_grads.keys() == chunked_grads.keys()
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    module.hparams.loss_chunk_tokens = 5
+    with torch.no_grad():  # validation path: chunks without checkpointing
+        torch.testing.assert_close(module.model_step(batch), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_layout_is_chosen_by_device_and_attention_implementation():
+    """CPU keeps the 4D mask whatever the kernel; CUDA + SDPA passes position ids; CUDA + flash flattens."""
+    from billa.model.packing import packed_layout
+
+    assert packed_layout("cpu", "sdpa") == packed_layout("cpu", "flash_attention_2") == "mask"
+    assert packed_layout("cuda", "eager") == packed_layout("cuda", None) == "mask"
+    assert packed_layout("cuda", "sdpa") == "position_ids"
+    assert packed_layout("cuda", "flash_attention_2") == packed_layout("cuda", "flash_attention_3") == "flatten"
+
+
+def test_packed_rows_without_a_4d_mask_give_the_unpacked_losses():
+    """Packed rows fed by position ids (rows kept, or flattened to one row) give each sample its unpacked loss.
+
+    Runs transformers' SDPA path on CPU, the same mask derivation it uses on a GPU. Catches a flattened batch whose
+    row boundaries leak (row r's last token predicting row r+1's first label: one label token too many) and a
+    position-id layout in which samples attend across their boundary (another loss for every sample but the first).
+    """
+    from billa.data.collate import PackCollator, PadCollator
+    from billa.model.packing import feed_packed
+
+    module = _module()
+    module.model.eval()
+    assert module.model.config._attn_implementation == "sdpa"
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for n in (5, 9, 3, 12, 7):
+        ids = [1, *torch.randint(3, 97, (n - 1,), generator=g).tolist()]
+        items.append({"input_ids": ids, "labels": list(ids)})
+    packed = PackCollator(pad_id=0, max_len=16)(items)
+    unmasked = PackCollator(pad_id=0, max_len=16, mask=False)(items)  # what BillaDataModule builds for a GPU
+    assert unmasked["attention_mask"] is None
+    assert all(torch.equal(unmasked[k], packed[k]) for k in ("input_ids", "labels", "position_ids"))
+    with torch.no_grad():
+        reference = module.token_nll(PadCollator(pad_id=0)(items))[0].sort().values
+        for layout, batch in (("position_ids", packed), ("flatten", packed), ("position_ids", unmasked)):
+            fed = feed_packed(batch, layout)
+            assert fed["attention_mask"] is None
+            nll = module.token_nll(fed)[0]
+            assert nll.shape == reference.shape, layout
+            torch.testing.assert_close(nll.sort().values, reference, rtol=1e-5, atol=1e-5, msg=layout)

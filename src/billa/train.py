@@ -86,13 +86,25 @@ def build_strategy(cfg: DictConfig, plan: BatchPlan):
     return instantiate(node, _convert_="all")
 
 
+def clips_in_module(cfg: DictConfig) -> bool:
+    """True where BillaLM clips gradients itself: bf16-mixed without DeepSpeed and a fused optimizer.
+
+    Lightning's mixed-precision plugin refuses ``gradient_clip_val`` with an optimizer that unscales gradients inside
+    its step (fused AdamW) — a rule for fp16 loss scaling; bf16 has no loss scale, so clipping before the step is
+    exact and the fused kernel can stay.
+    """
+    precision = str(cfg.hardware.precision)
+    fused = bool(cfg.optimizer.get("fused", False))
+    return strategy_config(cfg) is None and precision.startswith("bf16") and "mixed" in precision and fused
+
+
 def optimizer_config(cfg: DictConfig) -> dict:
     """The optimizer node, adapted to the strategy and precision where a library requires it.
 
     - ZeRO optimizer offload: torch AdamW becomes DeepSpeed's CPU Adam with the same hyperparameters (DeepSpeed
       refuses a torch optimizer when optimizer states live on the CPU; its AVX Adam is also faster there).
-    - Lightning's mixed-precision plugin (without DeepSpeed) refuses gradient clipping with a fused optimizer,
-      so ``fused`` is dropped there.
+    - fp16 mixed precision without DeepSpeed: Lightning's loss scaler cannot unscale before a fused optimizer's
+      step, so ``fused`` is dropped there. bf16-mixed keeps it (BillaLM clips, see ``clips_in_module``).
     """
     node = OmegaConf.to_container(cfg.optimizer, resolve=True)
     ds_config = strategy_config(cfg)
@@ -101,11 +113,9 @@ def optimizer_config(cfg: DictConfig) -> dict:
         node = {**node, "_target_": "deepspeed.ops.adam.DeepSpeedCPUAdam", "adamw_mode": True}
         node.pop("fused", None)
         log.info("ZeRO optimizer offload: using deepspeed.ops.adam.DeepSpeedCPUAdam (AdamW mode)")
-    elif ds_config is None and "mixed" in str(cfg.hardware.precision) and node.pop("fused", None):
-        log.info(
-            "%s precision without DeepSpeed: fused AdamW off (Lightning cannot clip its gradients)",
-            cfg.hardware.precision,
-        )
+    elif ds_config is None and "mixed" in str(cfg.hardware.precision) and not clips_in_module(cfg):
+        if node.pop("fused", None):
+            log.info("%s precision without DeepSpeed: fused AdamW off (loss scaling)", cfg.hardware.precision)
     return node
 
 
@@ -185,6 +195,7 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
         precision=hw.precision,
         strategy=build_strategy(cfg, plan),
         accumulate_grad_batches=plan.accumulation,
+        gradient_clip_val=None if clips_in_module(cfg) else cfg.trainer.gradient_clip_val,  # else BillaLM clips
         val_check_interval=cfg.val_every_n_steps * plan.accumulation,  # Lightning counts micro batches
         check_val_every_n_epoch=None,
         use_distributed_sampler=False,  # BillaDataModule shards the stream itself (exact resume)
@@ -361,6 +372,8 @@ def run(cfg: DictConfig) -> dict:
         gradient_checkpointing=cfg.hardware.activation_checkpointing,
         validate_at_start=cfg.validate_at_start,
         tokenizer_dir=tokenizer_dir,
+        loss_chunk_tokens=cfg.get("loss_chunk_tokens", 2048),
+        clip_grad_norm=cfg.trainer.gradient_clip_val if clips_in_module(cfg) else None,
     )
     trainer = build_trainer(cfg, plan, vocab_size)
     if ckpt_path:

@@ -52,10 +52,13 @@ class PackCollator:
     -inf = masked; shape (R, 1, T, T)) stops attention across samples, so each sample sees exactly what it would
     see alone. The first label of every sample after the first in a row is -100: the model must not learn to
     predict a sample's BOS from the previous sample. Padding tokens attend only to themselves.
+
+    ``mask=False`` leaves ``attention_mask`` None: the position ids alone mark the samples (a GPU with SDPA or
+    flash-attention, see ``billa.model.packing``), and no (R, T, T) mask is built on the CPU each step.
     """
 
-    def __init__(self, pad_id: int, max_len: int):
-        self.pad_id, self.max_len = pad_id, max_len
+    def __init__(self, pad_id: int, max_len: int, mask: bool = True):
+        self.pad_id, self.max_len, self.mask = pad_id, max_len, mask
 
     def _bins(self, lengths: list[int]) -> list[list[int]]:
         bins: list[list[int]] = []
@@ -90,11 +93,7 @@ class PackCollator:
                 position_ids[row, start : start + n] = torch.arange(n)
                 segment[row, start : start + n] = k
                 start += n
-        same = segment[:, :, None] == segment[:, None, :]  # (R, T, T)
-        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-        pad_self = (segment[:, :, None] < 0) & torch.eye(width, dtype=torch.bool)
-        allowed = (same & causal & (segment[:, :, None] >= 0)) | pad_self
-        mask = torch.zeros((rows, 1, width, width)).masked_fill(~allowed[:, None], float("-inf"))
+        mask = self._mask(segment) if self.mask else None
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -102,3 +101,13 @@ class PackCollator:
             "attention_mask": mask,
             **_accounting(items),
         }
+
+    @staticmethod
+    def _mask(segment: torch.Tensor) -> torch.Tensor:
+        """Block-diagonal causal additive mask (R, 1, T, T) from each token's sample index (-1 = padding)."""
+        width = segment.shape[1]
+        same = segment[:, :, None] == segment[:, None, :]  # (R, T, T)
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        pad_self = (segment[:, :, None] < 0) & torch.eye(width, dtype=torch.bool)
+        allowed = (same & causal & (segment[:, :, None] >= 0)) | pad_self
+        return torch.zeros((segment.shape[0], 1, width, width)).masked_fill(~allowed[:, None], float("-inf"))

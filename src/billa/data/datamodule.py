@@ -14,6 +14,7 @@ from billa.data.collate import PackCollator, PadCollator
 from billa.data.mixing import MixedDataset, StreamSampler
 from billa.data.objectives import IGNORE, OBJECTIVES, load_prompts
 from billa.data.readers import expand_paths, record_kind
+from billa.model.packing import MASK, packed_layout
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
 
@@ -258,11 +259,21 @@ class BillaDataModule(L.LightningDataModule):
             self.train_set,
             batch_size=self.micro_batch_size,
             sampler=sampler,
-            collate_fn=PackCollator(self.pad_id, self.max_seq_length)
+            collate_fn=PackCollator(self.pad_id, self.max_seq_length, mask=self._pack_mask())
             if self.layout == "pack"
             else PadCollator(self.pad_id),
             num_workers=self.num_workers,
         )
+
+    def _pack_mask(self) -> bool:
+        """Whether packed rows need the 4D mask: not on a GPU with SDPA or flash-attention (``model/packing.py``)."""
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        model = getattr(module, "model", None)
+        if model is None:
+            return True
+        impl = getattr(model.config, "_attn_implementation", None)
+        return packed_layout(trainer.strategy.root_device.type, impl) == MASK
 
     def state_dict(self) -> dict:
         """Saved in every checkpoint: where in the stream the run is (optimizer steps x global batch)."""

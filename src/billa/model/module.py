@@ -10,7 +10,6 @@ from collections.abc import Mapping
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import OmegaConf
@@ -18,6 +17,8 @@ from omegaconf import OmegaConf
 from billa.config import ConfigError
 from billa.distributed.memory import partition_report, track_materialised
 from billa.model.builders import add_residual_dropout, build_causal_lm
+from billa.model.loss import lm_head_nll
+from billa.model.packing import feed_packed, packed_layout
 
 IGNORE_INDEX = -100
 
@@ -35,6 +36,9 @@ class BillaLM(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass.
         validate_at_start: compute and log ``val/loss`` at step 0 as the baseline.
         tokenizer_dir: the tokenizer directory trained with (exported beside the weights; read by convert.py).
+        loss_chunk_tokens: label tokens per lm_head + cross-entropy chunk (``billa.model.loss``); 0 = one piece.
+        clip_grad_norm: clip the gradient norm here, before the optimizer step (used under bf16-mixed without
+            DeepSpeed, where Lightning refuses to clip for a fused optimizer although bf16 needs no unscaling).
     """
 
     def __init__(
@@ -48,6 +52,8 @@ class BillaLM(L.LightningModule):
         gradient_checkpointing: bool = False,
         validate_at_start: bool = True,
         tokenizer_dir: str | None = None,
+        loss_chunk_tokens: int = 2048,
+        clip_grad_norm: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # loggers get the whole config from build_logger, redacted
@@ -101,17 +107,24 @@ class BillaLM(L.LightningModule):
 
         lm_head runs only on positions that carry a label: prompts, the part before a conditional-generation cut and
         padding never become (B, T, V) logits. With BiLLa's 46,943-piece vocabulary that saves the logits' memory and
-        lm_head FLOPs of every masked token. A batch without targets gives N = 0 with the graph intact.
+        lm_head FLOPs of every masked token; the rest run in chunks of ``loss_chunk_tokens`` (``lm_head_nll``) so the
+        (N, V) logits never exist whole. A batch without targets gives N = 0 with the graph intact. Packed rows on a
+        GPU with SDPA or flash-attention go by their position ids, not a T x T mask (``model/packing.py``).
         """
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        batch = feed_packed(batch, packed_layout(batch["input_ids"].device.type, impl))  # GPU: no T x T mask
         hidden = self.model.model(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],  # (B, T) padding mask, or (B, 1, T, T) for packed rows
+            attention_mask=batch["attention_mask"],  # (B, T) padding, (B, 1, T, T) packed, None: packed by position
             position_ids=batch.get("position_ids"),  # restarts per sample in packed rows
+            use_cache=False,  # no KV cache in training (with one, transformers ignores packed position ids)
         ).last_hidden_state  # (B, T, H)
         labels = batch["labels"][:, 1:]  # position t predicts token t + 1
         keep = labels != IGNORE_INDEX  # (B, T-1)
-        logits = self.model.lm_head(hidden[:, :-1][keep])  # (N, V): only where there is a label
-        nll = F.cross_entropy(logits.float(), labels[keep], reduction="none")  # (N,)
+        chunk = self.hparams.get("loss_chunk_tokens", 2048)
+        if hasattr(self.model.lm_head.weight, "ds_id"):  # ZeRO-3: every lm_head call is a collective gather, and
+            chunk = 0  # ranks hold different label counts, so different chunk counts would deadlock: one piece
+        nll = lm_head_nll(self.model.lm_head, hidden[:, :-1][keep], labels[keep], chunk)  # (N,), logits in chunks
         return nll, keep.nonzero()[:, 0]
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -158,10 +171,17 @@ class BillaLM(L.LightningModule):
         self.log("train/loss", nll_sum / max(tokens, 1), prog_bar=True, on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Gradient norm of the optimizer step, before clipping (DeepSpeed reports its own after the step)."""
+        """Gradient norm of the optimizer step, before clipping (DeepSpeed reports its own after the step).
+
+        With ``clip_grad_norm`` the gradients are clipped here to that norm, the same rule as Lightning's
+        ``gradient_clip_val`` (which the trainer then leaves unset).
+        """
         if self._deepspeed_engine() is None:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+            self._grad_norm = float(norm) if norm is not None else 0.0
+            if self.hparams.get("clip_grad_norm") and params:  # bf16-mixed + fused AdamW: Lightning will not clip
+                torch.nn.utils.clip_grads_with_norm_(params, self.hparams.clip_grad_norm, norm, foreach=True)
 
     def _deepspeed_engine(self):
         strategy = self._trainer.strategy if self._trainer is not None else None

@@ -1,0 +1,84 @@
+"""Tokenisation pass time against ``data.num_proc``: several files, and one large file (work split below files).
+
+The corpus is data_pipeline.py's: the sample corpus's documents joined into unique PILE-format documents. Layouts:
+``files`` (``--files`` files of ``--lines`` documents) and ``one-file`` (the same documents in one file, which a
+file-level pool could only give to one worker). Each (layout, num_proc) runs ``--repeats`` times, alternating, into
+a fresh cache; the median time and the speed-up over num_proc=1 are printed.
+
+    python benchmarks/tokenise_scaling.py [--files 4] [--lines 1000] [--num-proc 1 2] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker: the pool is what scales
+
+from billa.data.cache import ObjectiveSettings, tokenize_source  # noqa: E402
+from billa.data.datamodule import DEFAULT_PROMPTS_DIR  # noqa: E402
+from billa.data.sample import build_sample_corpus, sample_texts  # noqa: E402
+from billa.tokenizer.sample import sample_tokenizer  # noqa: E402
+
+
+def write_corpus(cache: Path, out: Path, files: int, lines: int) -> None:
+    build_sample_corpus(cache / "corpus")
+    zh, en = sample_texts(cache / "corpus")
+    pool = zh + en
+    (out / "files").mkdir(parents=True)
+    (out / "one-file").mkdir()
+    with open(out / "one-file" / "all.jsonl", "w", encoding="utf-8") as whole:
+        for f in range(files):
+            with open(out / "files" / f"part-{f:03d}.jsonl", "w", encoding="utf-8") as part:
+                for i in range(f * lines, (f + 1) * lines):
+                    text = f"Document {i}.\n" + "\n".join(pool[(i * 7 + k) % len(pool)] for k in range(6))
+                    line = json.dumps({"text": text, "meta": {"pile_set_name": "Pile-CC"}}, ensure_ascii=False)
+                    part.write(line + "\n")
+                    whole.write(line + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--lines", type=int, default=1000)
+    parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    cache = Path(os.environ.get("BILLA_CACHE_DIR", Path.home() / ".cache" / "billa")) / "sample"
+    tokenizer_dir = sample_tokenizer(cache)
+    settings = ObjectiveSettings("en", "pile", "conditional_generation", 1024, 0, False)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        write_corpus(cache, corpus, args.files, args.lines)
+        times: dict = {}
+        for _ in range(args.repeats):
+            for layout in ("files", "one-file"):
+                for num_proc in args.num_proc:
+                    out = Path(tmp) / "cache"
+                    shutil.rmtree(out, ignore_errors=True)
+                    start = time.perf_counter()
+                    _, stats = tokenize_source(
+                        str(corpus / layout / "*.jsonl"),
+                        settings,
+                        tokenizer_dir,
+                        str(DEFAULT_PROMPTS_DIR),
+                        out,
+                        num_proc=num_proc,
+                    )
+                    times.setdefault((layout, num_proc), []).append(time.perf_counter() - start)
+        print(f"{args.files} files x {args.lines} documents ({stats['examples']:,} examples), {os.cpu_count()} CPUs")
+        for layout in ("files", "one-file"):
+            base = statistics.median(times[(layout, args.num_proc[0])])
+            for num_proc in args.num_proc:
+                t = statistics.median(times[(layout, num_proc)])
+                print(f"  {layout:8s} num_proc={num_proc:2d}: {t:6.1f} s  speed-up {base / t:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
