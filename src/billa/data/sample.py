@@ -35,7 +35,7 @@ VAL_EVERY = 20
 SHARDS = 10
 _MANIFEST = "manifest.json"
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]")
-_VERSION = 5  # bumped when the layout changes: an older corpus in the cache is rebuilt
+_VERSION = 6  # bumped when the layout changes: an older corpus in the cache is rebuilt
 
 TOPIC_TITLES = {  # Chinese titles for the package's topic tags, so WuDao records carry Chinese titles
     "greetings": "问候",
@@ -120,7 +120,11 @@ def _lm_records(sentences: list[dict]) -> dict[str, dict[str, list]]:
         split["pile"].append(
             {"text": " ".join(s["translation"]["en"] for s in group), "meta": {"pile_set_name": "Pile-CC"}}
         )
+    seen = set()  # the package repeats a few sentences: one pair each, so no pair is in two shards (or splits)
     for i, sentence in enumerate(sentences):
+        if sentence["chinese"] in seen:
+            continue
+        seen.add(sentence["chinese"])
         split = splits["val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"]
         split["translation"].append({"en_text": sentence["translation"]["en"], "zh_text": sentence["chinese"]})
     return splits
