@@ -26,22 +26,32 @@ from billa.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def load_questions(path: str, what: str = "answers.question_file") -> list[dict]:
-    """Questions ``{"question_id", "text", "category"}`` in file order; a bad line is an error naming file:line."""
-    path = resolve_path(path)
-    if not Path(path).is_file() and not path.startswith("hf://"):
-        raise FileNotFoundError(f"{what}={path}: no such file")
-    questions, seen = [], set()
+def records_by_question_id(path: str, shape: str, what: str) -> dict:
+    """question_id -> record of a question or answer jsonl (FastChat format), in file order.
+
+    Every record needs a ``question_id`` and a string ``text``; a bad line or a repeated ``question_id`` is an error
+    naming file:line, ``shape`` (the expected fields) and ``what`` (the config key).
+    """
+    records: dict = {}
     for line, raw in raw_records(path):
         where = f"{path}:{line}"
         if isinstance(raw, DataFormatError):
             raise raw
         if not isinstance(raw, dict) or "question_id" not in raw or not isinstance(raw.get("text"), str):
-            raise DataFormatError(f"{where}: expected {{question_id, text, category}}, got {str(raw)[:100]!r}")
-        if raw["question_id"] in seen:
-            raise DataFormatError(f"{where}: question_id {raw['question_id']!r} appears twice")
-        seen.add(raw["question_id"])
-        questions.append({"question_id": raw["question_id"], "text": raw["text"], "category": raw.get("category", "")})
+            raise DataFormatError(f"{where}: expected {shape} ({what}), got {str(raw)[:100]!r}")
+        if raw["question_id"] in records:
+            raise DataFormatError(f"{where}: question_id {raw['question_id']!r} appears twice ({what})")
+        records[raw["question_id"]] = raw
+    return records
+
+
+def load_questions(path: str, what: str = "answers.question_file") -> list[dict]:
+    """Questions ``{"question_id", "text", "category"}`` in file order; a bad line is an error naming file:line."""
+    path = resolve_path(path)
+    if not Path(path).is_file() and not path.startswith("hf://"):
+        raise FileNotFoundError(f"{what}={path}: no such file")
+    records = records_by_question_id(path, "{question_id, text, category}", what)
+    questions = [{"question_id": q, "text": r["text"], "category": r.get("category", "")} for q, r in records.items()]
     if not questions:
         raise DataFormatError(f"{what}={path}: no questions")
     return questions

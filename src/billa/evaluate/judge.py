@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from billa.data.readers import DataFormatError, raw_records
-from billa.evaluate.answers import category_name, load_questions
+from billa.data.readers import DataFormatError
+from billa.evaluate.answers import category_name, load_questions, records_by_question_id
 from billa.evaluate.multiple_choice import resolve_path
 from billa.evaluate.results import Table, TaskResult
 from billa.openai_client import ChatClient, ChatFailed, ContentRejected, UnparsableResponse
@@ -84,17 +84,7 @@ class Review:
 
 def load_answers(path: str, what: str) -> dict:
     """question_id -> answer record of an answer jsonl (FastChat format); duplicates are an error."""
-    answers: dict = {}
-    for line, raw in raw_records(resolve_path(path)):
-        where = f"{path}:{line}"
-        if isinstance(raw, DataFormatError):
-            raise raw
-        if not isinstance(raw, dict) or "question_id" not in raw or not isinstance(raw.get("text"), str):
-            raise DataFormatError(f"{where}: expected an answer {{question_id, text, answer_id, model_id}} ({what})")
-        if raw["question_id"] in answers:
-            raise DataFormatError(f"{where}: second answer to question_id {raw['question_id']!r} ({what})")
-        answers[raw["question_id"]] = raw
-    return answers
+    return records_by_question_id(resolve_path(path), "an answer {question_id, text, answer_id, model_id}", what)
 
 
 def _reviews(questions, answers, reviewers, category_reviewer, system) -> list[Review]:
