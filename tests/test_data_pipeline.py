@@ -312,13 +312,13 @@ def test_probability_mixing_follows_the_weights_and_is_a_function_of_the_index()
 
 KILL_SCRIPT = """
 import sys, time
-import billa.data.cache as cache
-original = cache._tokenize_file
+import billa.data.tokenise as tokenise
+original = tokenise.tokenize_piece
 def slow(*args):
     result = original(*args)
     time.sleep(0.5)  # room for the test to kill the pass between two files
     return result
-cache._tokenize_file = slow
+tokenise.tokenize_piece = slow
 from billa.data.cache import ObjectiveSettings, tokenize_source
 tokenize_source(sys.argv[1], ObjectiveSettings("en", "pile", "causal_lm", 64, 0, False), sys.argv[2], sys.argv[3],
                 sys.argv[4], num_proc=1)

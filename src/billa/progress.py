@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import lightning as L
@@ -289,32 +289,43 @@ def progress_callbacks(
 
 
 def track(
-    iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it", every_s: float = 30.0
+    iterable: Iterable[T],
+    total: float | None = None,
+    desc: str = "",
+    unit: str = "it",
+    every_s: float = 30.0,
+    amount: Callable[[T], float] | None = None,
 ) -> Iterator[T]:
     """Iterate with progress: a tqdm bar on a terminal, else a log line at most every ``every_s`` s and at the end.
 
-    A line reads ``<desc>: 12/40 files (30.0%) | elapsed 0:00:12 | ETA 0:00:28``.
+    A line reads ``<desc>: 12/40 files (30.0%) | elapsed 0:00:12 | ETA 0:00:28``. Each item counts 1, or
+    ``amount(item)`` (e.g. the fraction of a file it covered: ``12.4/40 files``).
     """
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
+    amount = amount or (lambda _: 1)
     if is_interactive():
-        yield from tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stdout, dynamic_ncols=True)
+        with tqdm(total=total, desc=desc, unit=unit, file=sys.stdout, dynamic_ncols=True) as bar:
+            for item in iterable:
+                yield item
+                bar.update(amount(item))
         return
     start = last = time.perf_counter()
     count = 0
     for item in iterable:
         yield item
-        count += 1
+        count += amount(item)
         now = time.perf_counter()
-        if now - last >= every_s or count == total:
+        if now - last >= every_s or (total and count >= total - 1e-9):
             _log_count(desc, count, total, unit, now - start)
             last = now
-    if count != total:  # a generator without a length, or one that ended early
+    if not total or count < total - 1e-9:  # a generator without a length, or one that ended early
         _log_count(desc, count, total, unit, time.perf_counter() - start)
 
 
-def _log_count(desc: str, count: int, total: int | None, unit: str, elapsed: float) -> None:
-    done = f"{count}/{total} {unit} ({100.0 * count / total:.1f}%)" if total else f"{count} {unit}"
+def _log_count(desc: str, count: float, total: int | None, unit: str, elapsed: float) -> None:
+    shown = f"{count:,.0f}" if abs(count - round(count)) < 1e-6 else f"{count:,.1f}"  # 12/40 files, 12.4/40 files
+    done = f"{shown}/{total:,} {unit} ({100.0 * count / total:.1f}%)" if total else f"{shown} {unit}"
     parts = [f"{desc}: {done}" if desc else done, f"elapsed {format_duration(elapsed)}"]
     if total and count:
         parts.append(f"ETA {format_duration((total - count) * elapsed / count)}")

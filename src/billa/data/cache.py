@@ -1,36 +1,36 @@
 """Tokenise once: records -> (input_ids, labels) written as memory-mapped Arrow shards, reused across runs.
 
-Every input file is one unit of work, processed by a pool of ``num_proc`` workers in chunks (one batched encode per
-chunk) and streamed into an Arrow file under ``<cache>/<source>/<key>/<file hash>/``, renamed into place only when
-complete. The key covers what determines the tokens: the file's content (a BLAKE2 hash of its bytes), the tokenizer
-files, the objective and its settings (max length, prompts, prompt-type map, source name; not the seed).
+Every input file is split into pieces of about 4 MiB of input (``readers.plan_pieces``), the pieces are tokenised by
+``num_proc`` worker processes (``billa.data.tokenise``; one batched encode per chunk of records), and each file's
+pieces are joined, in order, into one Arrow file under ``<cache>/<source>/<key>/<file hash>/``, renamed into place
+only when complete. The key covers what determines the tokens: the file's content (a BLAKE2 hash of its bytes), the
+tokenizer files, the objective and its settings (max length, prompts, prompt-type map, source name; not the seed).
+The shards do not depend on ``num_proc``.
 
 Each row holds every variant the record can become (``objectives.Variants``: all translation direction x prompt
 and task placement x prompt combinations with their probabilities, or the full ids of a text for a cut drawn
 later), so the random choices are drawn per visit at ``__getitem__`` time while tokenisation still happens once
 (the cost: a record with k prompt lines is stored k times; docs/recipe.md, "Per-visit draws"). Rerunning reuses
-every finished shard; a killed pass redoes only the files whose shards were not finished. ``datasets`` memory-maps
-the shards, so a 7B run's corpus costs page cache, not RAM.
+every finished shard, and a killed pass also keeps the finished pieces of the file it was in (``<file hash>.pieces``).
+``datasets`` memory-maps the shards, so a 7B run's corpus costs page cache, not RAM.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import socket
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
 
-from billa.data.objectives import Example, ObjectiveContext, Variants, load_prompts, record_rng, variants
-from billa.data.readers import HUB_PREFIX, READER_VERSION, ReadStats, expand_paths, read_records
+from billa.data.objectives import Example, Variants, load_prompts, record_rng
+from billa.data.readers import HUB_PREFIX, PIECE_BYTES, READER_VERSION, Piece, expand_paths
+from billa.data.tokenise import InProcess, ObjectiveSettings, WorkerPool, schema, tmp_suffix, tokenizer_spec
 from billa.progress import track
 from billa.utils.logging import get_logger
 
@@ -38,21 +38,6 @@ log = get_logger(__name__)
 
 _SHARD_DONE = "billa_shard.json"
 _FORMAT_VERSION = "variants-1"  # rows hold every variant of a record (see the module docstring)
-
-
-@dataclass(frozen=True)
-class ObjectiveSettings:
-    """Everything besides the input file that determines the tokens of a shard."""
-
-    source: str
-    fmt: str
-    objective: str
-    max_len: int
-    seed: int
-    translation_extra_newline: bool
-    reader_options: tuple = ()
-    on_error: str = "raise"
-    prompt_types: tuple = ()  # (record type, prompt-file stem) pairs: data.prompt_types
 
 
 @dataclass
@@ -115,18 +100,13 @@ def file_fingerprint(path: str, cache_root: Path) -> str:
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     if key not in index:
         index[key] = fingerprint(files=(path,))
-        tmp = index_path.with_name(index_path.name + _tmp_suffix())
+        tmp = index_path.with_name(index_path.name + tmp_suffix())
         tmp.write_text(json.dumps(index))
         os.replace(tmp, index_path)  # atomic; a concurrent writer's entries are recomputed on demand, never wrong
     return index[key]
 
 
 _TMP = re.compile(r"\.tmp(?:-(?P<host>.*)-)?(?P<pid>\d+)$")  # ".tmp-<host>-<pid>" (or the older ".tmp<pid>")
-
-
-def _tmp_suffix() -> str:
-    """Suffix of this process's temporary files and directories: whose they are, so leftovers can be removed."""
-    return f".tmp-{socket.gethostname()}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -147,7 +127,7 @@ def remove_stale_temp(cache_root: str | os.PathLike) -> int:
     """
     host, removed = socket.gethostname(), 0
     root = Path(cache_root)
-    for path in [*root.glob("*/*/*.tmp*"), *root.glob("file_hashes.json.tmp*")]:
+    for path in [*root.glob("*/*/*.tmp*"), *root.glob("*/*/*.pieces/*.tmp*"), *root.glob("file_hashes.json.tmp*")]:
         match = _TMP.search(path.name)
         if not match or match["host"] not in (None, host) or int(match["pid"]) == os.getpid():
             continue
@@ -172,120 +152,86 @@ def prompts_fingerprint(prompts: dict[str, list[str]]) -> str:
     return fingerprint(json.dumps(prompts, sort_keys=True, ensure_ascii=False))
 
 
-# ---- worker side -------------------------------------------------------------------------------------------------
-_WORKER: dict = {}
+# ---- driver side -------------------------------------------------------------------------------------------------
+def _pieces_dir(shard: str) -> Path:
+    """Where a file's finished pieces wait until all of them are done (reused by the next pass if this one dies)."""
+    return Path(shard + ".pieces")
 
 
-def _init_worker(tokenizer_dir: str, prompts: dict[str, list[str]]) -> None:
-    from billa.tokenizer.load import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_dir)
-    _WORKER["tokenizer"] = tokenizer
-    _WORKER["prompts"] = prompts
+def _piece_out(shard: str, piece: Piece) -> str:
+    return str(_pieces_dir(shard) / f"{piece.index:05d}.arrow")
 
 
-_CHUNK = 2000  # records tokenised together (one batched encode, one Arrow record batch)
+def _piece_done(shard: str, piece: Piece) -> dict | None:
+    marker = Path(_piece_out(shard, piece)).with_suffix(".json")
+    return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def _schema():
+def _join_pieces(path: str, shard: str, results: list[dict]) -> ShardResult:
+    """Join a file's finished pieces, in order, into its shard (one Arrow file) and rename the shard into place."""
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            ("input_ids", pa.list_(pa.list_(pa.int32()))),  # one list per variant
-            ("labels", pa.list_(pa.list_(pa.int32()))),
-            ("weights", pa.list_(pa.float64())),  # each variant's probability
-            ("cut", pa.bool_()),  # conditional generation: the cut is drawn per visit
-            ("line", pa.int64()),
-        ]
-    )
-
-
-def _encode_chunk(records: list, settings: ObjectiveSettings, ctx: ObjectiveContext, tokenizer) -> tuple[list, int]:
-    """Every variant of every record of a chunk (``objectives.variants``), with one batched encode.
-
-    Objectives are pure functions of the record and the prompts, so a first pass records the strings they encode,
-    one batched call encodes them, and a second pass builds the variants from the lookup.
-    """
-    wanted: dict[str, None] = {}
-
-    def record_text(text: str) -> list[int]:
-        wanted[text] = None
-        return []
-
-    ctx.encode = record_text
-    for record in records:
-        variants(settings.objective, record.fields, ctx)
-    texts = list(wanted)
-    encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)) if texts else {}
-    ctx.encode = encoded.__getitem__
-    examples, dropped = [], 0
-    for record in records:
-        found = variants(settings.objective, record.fields, ctx)
-        if found is None:
-            dropped += 1
-        else:
-            examples.append((found, record.line))
-    return examples, dropped
-
-
-def _tokenize_file(path: str, settings: ObjectiveSettings, shard_dir: str) -> ShardResult:
-    """Read one file in chunks, apply the objective, stream Arrow record batches, rename the shard into place."""
-    import pyarrow as pa
-
-    _IDS = pa.list_(pa.list_(pa.int32()))  # noqa: N806
-    tokenizer = _WORKER["tokenizer"]
-    ctx = ObjectiveContext(
-        encode=None,
-        bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id,
-        max_len=settings.max_len,
-        prompts=_WORKER["prompts"],
-        translation_extra_newline=settings.translation_extra_newline,
-        prompt_types=dict(settings.prompt_types),
-    )
-    stats = ReadStats()
-    tmp = Path(shard_dir + _tmp_suffix())
+    pieces = _pieces_dir(shard)
+    tmp = Path(shard + tmp_suffix())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    n_examples = dropped = 0
-    what = f"data.sources.{settings.source}"
-    records = read_records(path, settings.fmt, what, stats, settings.on_error, **dict(settings.reader_options))
-    with pa.OSFile(str(tmp / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
-        while chunk := list(itertools.islice(records, _CHUNK)):
-            examples, chunk_dropped = _encode_chunk(chunk, settings, ctx, tokenizer)
-            dropped += chunk_dropped
-            n_examples += len(examples)
-            if examples:
-                writer.write_batch(
-                    pa.record_batch(
-                        [
-                            pa.array([[e.input_ids for e in v.examples] for v, _ in examples], _IDS),
-                            pa.array([[e.labels for e in v.examples] for v, _ in examples], _IDS),
-                            pa.array([list(v.weights) for v, _ in examples], pa.list_(pa.float64())),
-                            pa.array([v.cut for v, _ in examples], pa.bool_()),
-                            pa.array([line for _, line in examples], pa.int64()),
-                        ],
-                        schema=_schema(),
-                    )
-                )
-    result_stats = {
-        "records": stats.read,
-        "filtered": stats.filtered,
-        "skipped_malformed": stats.skipped,
-        "empty_text": stats.empty,
-        "skipped_examples": stats.skipped_examples,
-        "no_target_after_truncation": dropped,
-    }
-    (tmp / _SHARD_DONE).write_text(json.dumps({"file": path, "examples": n_examples, "stats": result_stats}))
+    arrows = [pieces / f"{index:05d}.arrow" for index in range(len(results))]
+    if len(arrows) == 1:
+        os.replace(arrows[0], tmp / "data.arrow")
+    else:  # one memory-mapped file per input file: a corpus of 4 MiB pieces would exhaust mmap limits
+        with pa.OSFile(str(tmp / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema()) as writer:
+            for arrow in arrows:
+                with pa.ipc.open_stream(pa.memory_map(str(arrow))) as reader:
+                    for batch in reader:
+                        writer.write_batch(batch)
+    stats: dict = {}
+    for result in results:
+        for key, value in result["stats"].items():
+            stats[key] = stats.get(key, 0 if isinstance(value, int) else []) + value
+    stats["skipped_examples"] = stats.get("skipped_examples", [])[:5]
+    examples = sum(result["examples"] for result in results)
+    (tmp / _SHARD_DONE).write_text(json.dumps({"file": path, "examples": examples, "stats": stats}))
     try:
-        os.replace(tmp, shard_dir)
+        os.replace(tmp, shard)
     except OSError:  # a concurrent pass finished the same shard: identical content
         shutil.rmtree(tmp, ignore_errors=True)
-    return ShardResult(shard_dir, n_examples, result_stats)
+    shutil.rmtree(pieces, ignore_errors=True)
+    return ShardResult(shard, examples, stats)
 
 
-# ---- driver side -------------------------------------------------------------------------------------------------
+def _run_pass(todo: list[tuple[str, str]], settings: ObjectiveSettings, runner, piece_bytes: int):
+    """Plan every file of ``todo`` into pieces, tokenise the pieces not finished yet, join each file's pieces.
+
+    Yields ``(path, ShardResult or None, progress)`` as plans and pieces finish; ``progress`` is the fraction of a file
+    (by input bytes) the event completed, so the progress line counts files and moves within a large one.
+    """
+    shard_of = dict(todo)
+    for path, _ in todo:
+        runner.submit(("plan", path, piece_bytes))
+    pieces: dict[str, list[Piece]] = {}
+    results: dict[str, list] = {}
+    fraction: dict[str, float] = {}
+    while (done := runner.next_result()) is not None:
+        task, result = done
+        if task[0] == "plan":
+            path = task[1]
+            shard = shard_of[path]
+            _pieces_dir(shard).mkdir(parents=True, exist_ok=True)
+            pieces[path], results[path] = result, [_piece_done(shard, piece) for piece in result]
+            for piece, finished in zip(result, results[path], strict=True):
+                if finished is None:
+                    runner.submit(("piece", piece, settings, _piece_out(shard, piece)))
+        else:
+            path = task[1].path
+            results[path][task[1].index] = result
+        finished = [p for p, r in zip(pieces[path], results[path], strict=True) if r is not None]
+        before, total = fraction.get(path, 0.0), sum(p.size for p in pieces[path])
+        complete = len(finished) == len(pieces[path])
+        fraction[path] = 1.0 if complete else sum(p.size for p in finished) / total if total else 0.0
+        shard = _join_pieces(path, shard_of[path], results[path]) if complete else None
+        yield path, shard, fraction[path] - before
+
+
 def tokenize_source(
     pattern: str | list[str],
     settings: ObjectiveSettings,
@@ -294,10 +240,13 @@ def tokenize_source(
     cache_root: str | os.PathLike,
     num_proc: int = 1,
     what: str = "data.sources",
+    piece_bytes: int = PIECE_BYTES,
 ) -> tuple[datasets.Dataset, dict]:
-    """Tokenise every file of ``pattern`` (or a list of files) once, reusing finished shards.
+    """Tokenise every file of ``pattern`` (or a list of files) once, reusing finished shards and pieces.
 
-    ``prompts`` is the loaded prompt set (``objectives.load_prompts``) or a prompts directory.
+    ``prompts`` is the loaded prompt set (``objectives.load_prompts``) or a prompts directory. Files are split into
+    pieces of about ``piece_bytes`` of input (``readers.plan_pieces``), so ``num_proc`` workers share one large file
+    as well as many small ones; the shards do not depend on ``num_proc`` or ``piece_bytes``.
 
     Returns:
         The source as a ``VariantSource`` (one draw per visit) over the memory-mapped shards, and the read stats.
@@ -324,19 +273,20 @@ def tokenize_source(
         else:
             todo.append((path, str(shard)))
     if todo:
-        reused = f", {len(files) - len(todo)} reused" if len(todo) < len(files) else ""
+        reused = f", {len(files) - len(todo)} files reused" if len(todo) < len(files) else ""
         desc = f"tokenising {what.removeprefix('data.sources.')}{reused}"
-        if num_proc > 1 and len(todo) > 1:
-            # spawn, not fork: the caller may already hold threads (DataLoader, gloo, tokenizers' pool)
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(num_proc, context, _init_worker, (tokenizer_dir, prompts)) as pool:
-                futures = {pool.submit(_tokenize_file, path, settings, shard): path for path, shard in todo}
-                for future in track(as_completed(futures), len(futures), desc, "files"):
-                    shards[futures[future]] = future.result()
-        else:
-            _init_worker(tokenizer_dir, prompts)
-            for path, shard in track(todo, len(todo), desc, "files"):
-                shards[path] = _tokenize_file(path, settings, shard)
+        size = sum(0 if path.startswith(HUB_PREFIX) else os.path.getsize(path) for path, _ in todo)
+        from billa.tokenizer.load import load_tokenizer
+
+        spec = tokenizer_spec(load_tokenizer(tokenizer_dir))
+        # worker start-up (~0.3 s each) only pays off beyond one piece of input
+        parallel = num_proc > 1 and (size > piece_bytes or len(todo) > 1 and size == 0)
+        runner = WorkerPool(num_proc, spec, prompts) if parallel else InProcess(spec, prompts)
+        with runner:
+            events = _run_pass(todo, settings, runner, piece_bytes)
+            for path, result, _ in track(events, len(todo), desc, "files", amount=lambda event: event[2]):
+                if result is not None:
+                    shards[path] = result
     parts, totals = [], {}
     for path in files:  # input order, whatever order the workers finished in
         shard = Path(shards[path].path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -67,9 +68,10 @@ def expand_paths(pattern: str | os.PathLike, what: str) -> list[str]:
     return files
 
 
-def _json_lines(lines, path: str) -> Iterator[tuple[int, object]]:
-    """Parse lines (bytes, or already decoded str); one that is not UTF-8 or not JSON becomes a DataFormatError."""
-    for number, line in enumerate(lines, start=1):
+def _json_lines(lines, path: str, first: int = 1) -> Iterator[tuple[int, object]]:
+    """Parse lines (bytes, or already decoded str) numbered from ``first``; one that is not UTF-8 or not JSON becomes
+    a DataFormatError."""
+    for number, line in enumerate(lines, start=first):
         if not line.strip():
             continue
         try:
@@ -118,15 +120,17 @@ def _has_surrogates(value: object) -> bool:
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"PK\x03\x04": "zip"}
 
 
-def _zst_lines(path: str) -> Iterator[tuple[int, object]]:
-    """Lines of a ``.jsonl.zst`` stream; damage ends the file with one DataFormatError after the readable lines."""
+def _zst_lines(path: str, start: int = 1, stop: int | None = None) -> Iterator[tuple[int, object]]:
+    """Lines ``start`` to ``stop`` (exclusive; 1-based) of a ``.jsonl.zst`` stream, lines before ``start``
+    decompressed but not parsed; damage ends the file with one DataFormatError after the readable lines."""
     import pyarrow as pa
 
     stream = pa.input_stream(path, compression="zstd")
-    last = 0
+    last = start - 1
     try:
         with io.BufferedReader(stream) as handle:
-            for last, value in _json_lines(handle, path):
+            lines = itertools.islice(handle, start - 1, None if stop is None else stop - 1)
+            for last, value in _json_lines(lines, path, first=start):
                 yield last, value
     except OSError as err:
         with open(path, "rb") as raw:
@@ -158,27 +162,129 @@ def _hub_rows(spec: str) -> Iterator[tuple[int, object]]:
         ) from None
 
 
-def _raw_records(path: str) -> Iterator[tuple[int, object]]:
-    """(line, parsed JSON value or the DataFormatError it raised) for one file (see the module docstring)."""
+def _parquet_rows(path: str, piece: Piece | None) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    groups = range(piece.start, piece.stop) if piece else range(parquet.metadata.num_row_groups)
+    number = piece.first_line - 1 if piece else 0
+    for batch in parquet.iter_batches(batch_size=4096, row_groups=list(groups)):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def _raw_records(path: str, piece: Piece | None = None) -> Iterator[tuple[int, object]]:
+    """(line, parsed JSON value or the DataFormatError it raised) for one file, or one piece of it (``plan_pieces``)."""
+    if piece is not None and piece.unit == "file":
+        piece = None
     if path.startswith(HUB_PREFIX):
         yield from _hub_rows(path)
     elif path.endswith(".json"):
         yield from _json_array(path)
     elif path.endswith(".zst"):
-        yield from _zst_lines(path)
+        yield from _zst_lines(path, piece.start, piece.stop) if piece else _zst_lines(path)
     elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row
-    elif path.endswith((".jsonl", ".txt")):
+        yield from _parquet_rows(path, piece)
+    elif path.endswith(LINE_FILES):
         with open(path, "rb") as handle:
-            yield from _json_lines(handle, path)
+            if piece is None:
+                yield from _json_lines(handle, path)
+            else:
+                handle.seek(piece.start)
+                yield from _json_lines(io.BytesIO(handle.read(piece.stop - piece.start)), path, piece.first_line)
     else:
         raise DataFormatError(f"{path}: unsupported file type (expected .jsonl, .json, .jsonl.zst, .parquet, .txt)")
+
+
+# ---- pieces: work split below the file level -----------------------------------------------------------------
+LINE_FILES = (".jsonl", ".txt")
+PIECE_BYTES = 1 << 22  # ~4 MiB of input per piece: a few seconds of tokenisation on one core
+ZST_MAX_PIECES = 16  # each piece of a .zst stream decompresses everything before it: bound the repeated work
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous part of one input file, the unit of work of the tokenisation pass.
+
+    ``unit`` says what ``start``/``stop`` count: ``bytes`` (offsets of whole lines in a ``.jsonl``/``.txt`` file),
+    ``lines`` (1-based line numbers of a ``.jsonl.zst`` stream, ``stop`` exclusive), ``row_groups`` (of a parquet
+    file) or ``file`` (the whole file: JSON arrays and ``hf://`` datasets). ``first_line`` numbers the piece's first
+    record as the whole file would, so errors still name the file's line.
+    """
+
+    path: str
+    index: int
+    unit: str
+    start: int = 0
+    stop: int = 0
+    first_line: int = 1
+    size: int = 0  # input bytes it covers (compressed for .zst, approximate for row groups): progress and balance
+
+
+def plan_pieces(path: str, piece_bytes: int = PIECE_BYTES) -> list[Piece]:
+    """Split one input file into pieces of about ``piece_bytes`` of input, the same for every pass over it.
+
+    The plan depends only on the file's bytes (never on the number of workers), so finished pieces of a killed pass
+    are reused by the next one whatever its ``num_proc``. A ``.jsonl`` file is read once (counting lines); a
+    ``.jsonl.zst`` stream is decompressed once, and split into at most ``ZST_MAX_PIECES`` pieces (a piece cannot seek
+    in the stream: it decompresses the lines before it); parquet splits at row groups; JSON arrays and ``hf://``
+    datasets are one piece.
+    """
+    if path.startswith(HUB_PREFIX) or not path.endswith((*LINE_FILES, ".zst", ".parquet")):
+        return [Piece(path, 0, "file", size=0 if path.startswith(HUB_PREFIX) else os.path.getsize(path))]
+    if path.endswith(".parquet"):
+        return _parquet_pieces(path, piece_bytes)
+    if path.endswith(".zst"):
+        return _zst_pieces(path, piece_bytes)
+    pieces, offset, line = [], 0, 1
+    with open(path, "rb") as handle:
+        while block := handle.read(piece_bytes):
+            if not block.endswith(b"\n"):
+                block += handle.readline()  # end the piece at a line end
+            pieces.append(Piece(path, len(pieces), "bytes", offset, offset + len(block), line, len(block)))
+            offset += len(block)
+            line += block.count(b"\n")
+    return pieces or [Piece(path, 0, "bytes", 0, 0, 1, 0)]
+
+
+def _zst_pieces(path: str, piece_bytes: int) -> list[Piece]:
+    import pyarrow as pa
+
+    size = os.path.getsize(path)
+    try:
+        lines, raw_bytes, last = 0, 0, b"\n"
+        with pa.input_stream(path, compression="zstd") as stream:
+            while block := stream.read(1 << 24):
+                lines += block.count(b"\n")
+                raw_bytes += len(block)
+                last = block[-1:]
+    except OSError:  # damaged stream: one piece, whose reader reports the damage with its line
+        return [Piece(path, 0, "file", size=size)]
+    lines += last != b"\n"  # a last line without its newline
+    count = max(1, min(ZST_MAX_PIECES, -(-raw_bytes // piece_bytes), lines))
+    bounds = [1 + lines * k // count for k in range(count + 1)]
+    return [
+        Piece(path, k, "lines", bounds[k], bounds[k + 1], bounds[k], size * (bounds[k + 1] - bounds[k]) // lines)
+        if lines
+        else Piece(path, k, "lines", 1, 1, 1, size)
+        for k in range(count)
+    ]
+
+
+def _parquet_pieces(path: str, piece_bytes: int) -> list[Piece]:
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    size = os.path.getsize(path)
+    pieces, first, row, start, taken = [], 1, 1, 0, 0
+    for group in range(meta.num_row_groups):
+        taken += meta.row_group(group).total_byte_size
+        row += meta.row_group(group).num_rows
+        if taken >= piece_bytes or group == meta.num_row_groups - 1:
+            pieces.append(Piece(path, len(pieces), "row_groups", start, group + 1, first, taken))
+            start, first, taken = group + 1, row, 0
+    return pieces or [Piece(path, 0, "file", size=size)]
 
 
 def raw_records(path: str) -> Iterator[tuple[int, object]]:
@@ -371,32 +477,42 @@ def read_records(
     Raises:
         DataFormatError: naming file and line of the first malformed record (``on_error=raise``).
     """
+    stats = stats if stats is not None else ReadStats()
+    for path in expand_paths(pattern, what):
+        yield from read_piece(Piece(path, 0, "file"), fmt, stats, on_error, **options)
+
+
+def read_piece(
+    piece: Piece, fmt: str, stats: ReadStats | None = None, on_error: str = "raise", **options
+) -> Iterator[Record]:
+    """``read_records`` for one piece of one file (``plan_pieces``; ``Piece(path, 0, "file")`` is the whole file)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: expected raise or skip")
     kind, parse = record_kind(fmt), READERS[fmt][1]
     stats = stats if stats is not None else ReadStats()
-    for path in expand_paths(pattern, what):
+    path = piece.path
+    if piece.index == 0:
         stats.files.append(path)
-        for line, raw in _raw_records(path):
-            where = f"{path}:{line}"
-            try:
-                if isinstance(raw, DataFormatError):
-                    raise raw
-                fields = parse(raw, where, **options)
-            except DataFormatError as err:
-                if on_error == "raise":
-                    raise
-                stats.skipped += 1
-                if len(stats.skipped_examples) < 5:
-                    stats.skipped_examples.append(str(err))
-                continue
-            if fields is None:
-                stats.filtered += 1
-                continue
-            if empty := _empty_fields(fields, kind):
-                stats.empty += 1
-                if len(stats.skipped_examples) < 5:
-                    stats.skipped_examples.append(f"{where}: empty {empty}")
-                continue
-            stats.read += 1
-            yield Record(fields, path, line)
+    for line, raw in _raw_records(path, piece):
+        where = f"{path}:{line}"
+        try:
+            if isinstance(raw, DataFormatError):
+                raise raw
+            fields = parse(raw, where, **options)
+        except DataFormatError as err:
+            if on_error == "raise":
+                raise
+            stats.skipped += 1
+            if len(stats.skipped_examples) < 5:
+                stats.skipped_examples.append(str(err))
+            continue
+        if fields is None:
+            stats.filtered += 1
+            continue
+        if empty := _empty_fields(fields, kind):
+            stats.empty += 1
+            if len(stats.skipped_examples) < 5:
+                stats.skipped_examples.append(f"{where}: empty {empty}")
+            continue
+        stats.read += 1
+        yield Record(fields, path, line)
