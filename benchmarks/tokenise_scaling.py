@@ -1,16 +1,19 @@
 """Tokenisation pass time against ``data.num_proc``: several files, and one large file (work split below files).
 
 The corpus is data_pipeline.py's: the sample corpus's documents joined into unique PILE-format documents. Layouts:
-``files`` (``--files`` files of ``--lines`` documents) and ``one-file`` (the same documents in one file, which a
-file-level pool could only give to one worker). Each (layout, num_proc) runs ``--repeats`` times, alternating, into
-a fresh cache; the median time and the speed-up over num_proc=1 are printed.
+``files`` (``--files`` files of ``--lines`` documents) and ``one-file`` (the same documents in one file: only the
+split into ~4 MiB pieces lets several workers share it). Each (layout, num_proc) runs ``--repeats`` times,
+alternating, into a fresh cache; the median time and the speed-up over the first ``--num-proc`` are printed, and the
+shards of every run are checked to be identical.
 
     python benchmarks/tokenise_scaling.py [--files 4] [--lines 1000] [--num-proc 1 2] [--repeats 2]
+    python benchmarks/tokenise_scaling.py --files 12 --lines 20000 --repeats 1   # the figure in README.md
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -57,13 +60,14 @@ def main() -> None:
         corpus = Path(tmp) / "corpus"
         write_corpus(cache, corpus, args.files, args.lines)
         times: dict = {}
+        digests: dict = {}
         for _ in range(args.repeats):
             for layout in ("files", "one-file"):
                 for num_proc in args.num_proc:
                     out = Path(tmp) / "cache"
                     shutil.rmtree(out, ignore_errors=True)
                     start = time.perf_counter()
-                    _, stats = tokenize_source(
+                    source, stats = tokenize_source(
                         str(corpus / layout / "*.jsonl"),
                         settings,
                         tokenizer_dir,
@@ -72,7 +76,11 @@ def main() -> None:
                         num_proc=num_proc,
                     )
                     times.setdefault((layout, num_proc), []).append(time.perf_counter() - start)
+                    digest = hashlib.blake2b(str(source.dataset[:]).encode(), digest_size=8).hexdigest()
+                    digests.setdefault(layout, set()).add(digest)
         print(f"{args.files} files x {args.lines} documents ({stats['examples']:,} examples), {os.cpu_count()} CPUs")
+        for layout, seen in digests.items():
+            assert len(seen) == 1, f"{layout}: the shards differ between num_proc values"
         for layout in ("files", "one-file"):
             base = statistics.median(times[(layout, args.num_proc[0])])
             for num_proc in args.num_proc:

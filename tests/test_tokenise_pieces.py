@@ -125,3 +125,18 @@ def test_workers_encode_as_the_transformers_tokenizer(sample_tokenizer_dir):
     texts = [" leading", "a  b\n\nc\t d", "你好，世界！ Hello</s> <s>x", "", "Human: 问题\nAssistant: 答", "é 😀 ∑"]
     worker = tokenise._Worker(tokenise.tokenizer_spec(tokenizer), {})
     assert worker.encode(texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_a_worker_that_dies_is_named_with_its_piece(tmp_path, sample_tokenizer_dir):
+    """Catches a driver that hangs, or raises an unpickling traceback, when the kernel kills a worker (out of memory)"""
+    import signal
+
+    path = _write_all_formats(tmp_path / "data")["jsonl"]
+    spec = tokenise.tokenizer_spec(load_tokenizer(sample_tokenizer_dir))
+    with tokenise.WorkerPool(1, spec, {}) as pool:
+        piece = plan_pieces(str(path), 300)[2]
+        pool.submit(("piece", piece, _settings(), str(tmp_path / "out.arrow")))
+        pool.workers[0].send_signal(signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=rf"exit code -9.* while (starting|tokenising {path} \(piece 2\))"):
+            while pool.next_result() is not None:
+                pass

@@ -309,10 +309,13 @@ class WorkerPool(InProcess):
                 status, *reply = _receive(worker.stdout)
             except EOFError:
                 code = worker.wait()
-                what = f"{task[1].path} (piece {task[1].index})" if task[0] == "piece" else str(task[1])[:200]
+                what = {
+                    "init": "starting (its error output is above)",
+                    "plan": f"planning the pieces of {task[1]}",
+                    "piece": f"tokenising {getattr(task[1], 'path', '')} (piece {getattr(task[1], 'index', '')})",
+                }[task[0]]
                 raise RuntimeError(
-                    f"a tokenisation worker died (exit code {code}; -9 is SIGKILL, often out of memory) while working "
-                    f"on {what}"
+                    f"a tokenisation worker died (exit code {code}; -9 is SIGKILL, often out of memory) while {what}"
                 ) from None
             if status == "error":
                 err, trace = reply
