@@ -8,6 +8,7 @@ shards of every run are checked to be identical.
 
     python benchmarks/tokenise_scaling.py [--files 4] [--lines 1000] [--num-proc 1 2] [--repeats 2]
     python benchmarks/tokenise_scaling.py --files 12 --lines 20000 --repeats 1   # the figure in README.md
+    python benchmarks/tokenise_scaling.py --write-corpus DIR; ... --corpus DIR --num-proc 1 2 4 8 16  # elsewhere
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker: the pool is what scales
 
 from billa.data.cache import ObjectiveSettings, tokenize_source  # noqa: E402
-from billa.data.datamodule import DEFAULT_PROMPTS_DIR  # noqa: E402
-from billa.data.sample import build_sample_corpus, sample_texts  # noqa: E402
-from billa.tokenizer.sample import sample_tokenizer  # noqa: E402
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "conf" / "prompts"
 
 
 def write_corpus(cache: Path, out: Path, files: int, lines: int) -> None:
+    from billa.data.sample import build_sample_corpus, sample_texts
+
     build_sample_corpus(cache / "corpus")
     zh, en = sample_texts(cache / "corpus")
     pool = zh + en
@@ -78,13 +80,25 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=1000)
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--write-corpus", type=Path, help="write the corpus and the tokenizer to this folder, and stop")
+    parser.add_argument("--corpus", type=Path, help="a folder --write-corpus wrote (a machine without the sample)")
     args = parser.parse_args()
-    cache = Path(os.environ.get("BILLA_CACHE_DIR", Path.home() / ".cache" / "billa")) / "sample"
-    tokenizer_dir = sample_tokenizer(cache)
     settings = ObjectiveSettings("en", "pile", "conditional_generation", 1024, 0, False)
+    if args.corpus is None or args.write_corpus:
+        from billa.tokenizer.sample import sample_tokenizer
+
+        cache = Path(os.environ.get("BILLA_CACHE_DIR", Path.home() / ".cache" / "billa")) / "sample"
+        tokenizer_dir = sample_tokenizer(cache)
+    if args.write_corpus:
+        write_corpus(cache, args.write_corpus, args.files, args.lines)
+        shutil.copytree(tokenizer_dir, args.write_corpus / "tokenizer")
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus"
-        write_corpus(cache, corpus, args.files, args.lines)
+        if args.corpus:
+            corpus, tokenizer_dir = args.corpus, str(args.corpus / "tokenizer")
+        else:
+            corpus = Path(tmp) / "corpus"
+            write_corpus(cache, corpus, args.files, args.lines)
         times: dict = {}
         digests: dict = {}
         for _ in range(args.repeats):
@@ -97,14 +111,15 @@ def main() -> None:
                         str(corpus / layout / "*.jsonl"),
                         settings,
                         tokenizer_dir,
-                        str(DEFAULT_PROMPTS_DIR),
+                        str(PROMPTS_DIR),
                         out,
                         num_proc=num_proc,
                     )
                     times.setdefault((layout, num_proc), []).append(time.perf_counter() - start)
                     digest = hashlib.blake2b(str(source.dataset[:]).encode(), digest_size=8).hexdigest()
                     digests.setdefault(layout, set()).add(digest)
-        print(f"{args.files} files x {args.lines} documents ({stats['examples']:,} examples), {os.cpu_count()} CPUs")
+        files = len(list((corpus / "files").glob("*.jsonl")))
+        print(f"{files} files, {stats['examples']:,} documents, {os.cpu_count()} CPUs")
         for layout, seen in digests.items():
             assert len(seen) == 1, f"{layout}: the shards differ between num_proc values"
         ceilings = {n: statistics.median(machine_ceiling(n) for _ in range(3)) for n in args.num_proc if n > 1}
