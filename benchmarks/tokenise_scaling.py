@@ -25,9 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker: the pool is what scales
 
-from billa.data.cache import ObjectiveSettings, tokenize_source  # noqa: E402
+from billa.data.cache import ObjectiveSettings, tokenise_files  # noqa: E402
+from billa.data.readers import expand_paths  # noqa: E402
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "conf" / "prompts"
 
@@ -107,19 +110,18 @@ def main() -> None:
                     out = Path(tmp) / "cache"
                     shutil.rmtree(out, ignore_errors=True)
                     start = time.perf_counter()
-                    source, stats = tokenize_source(
-                        str(corpus / layout / "*.jsonl"),
-                        settings,
-                        tokenizer_dir,
-                        str(PROMPTS_DIR),
-                        out,
-                        num_proc=num_proc,
-                    )
+                    files = expand_paths(str(corpus / layout / "*.jsonl"), "corpus")
+                    shards = tokenise_files(files, settings, tokenizer_dir, str(PROMPTS_DIR), out, num_proc=num_proc)
                     times.setdefault((layout, num_proc), []).append(time.perf_counter() - start)
-                    digest = hashlib.blake2b(str(source.dataset[:]).encode(), digest_size=8).hexdigest()
-                    digests.setdefault(layout, set()).add(digest)
+                    digest, documents = hashlib.blake2b(digest_size=8), 0
+                    for path in files:  # the shards' content, in input order
+                        with pa.memory_map(str(Path(shards[path].path) / "data.arrow")) as arrow:
+                            table = pa.ipc.open_stream(arrow).read_all()
+                        digest.update(str(table.to_pydict()).encode())
+                        documents += table.num_rows
+                    digests.setdefault(layout, set()).add(digest.hexdigest())
         files = len(list((corpus / "files").glob("*.jsonl")))
-        print(f"{files} files, {stats['examples']:,} documents, {os.cpu_count()} CPUs")
+        print(f"{files} files, {documents:,} documents, {os.cpu_count()} CPUs")
         for layout, seen in digests.items():
             assert len(seen) == 1, f"{layout}: the shards differ between num_proc values"
         ceilings = {n: statistics.median(machine_ceiling(n) for _ in range(3)) for n in args.num_proc if n > 1}

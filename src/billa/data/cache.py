@@ -25,14 +25,16 @@ import shutil
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from billa.data.objectives import Example, Variants, load_prompts, record_rng
 from billa.data.readers import HUB_PREFIX, PIECE_BYTES, READER_VERSION, Piece, expand_paths
 from billa.data.tokenise import InProcess, ObjectiveSettings, WorkerPool, schema, tmp_suffix, tokenizer_spec
 from billa.progress import track
 from billa.utils.logging import get_logger
+
+if TYPE_CHECKING:
+    import datasets
 
 log = get_logger(__name__)
 
@@ -241,7 +243,7 @@ def tokenize_source(
     num_proc: int = 1,
     what: str = "data.sources",
     piece_bytes: int = PIECE_BYTES,
-) -> tuple[datasets.Dataset, dict]:
+) -> tuple[VariantSource, dict]:
     """Tokenise every file of ``pattern`` (or a list of files) once, reusing finished shards and pieces.
 
     ``prompts`` is the loaded prompt set (``objectives.load_prompts``) or a prompts directory. Files are split into
@@ -251,9 +253,39 @@ def tokenize_source(
     Returns:
         The source as a ``VariantSource`` (one draw per visit) over the memory-mapped shards, and the read stats.
     """
+    import datasets
+
+    files = list(pattern) if isinstance(pattern, list) else expand_paths(pattern, what)
+    shards = tokenise_files(files, settings, tokenizer_dir, prompts, cache_root, num_proc, what, piece_bytes)
+    parts, totals = [], {}
+    for path in files:  # input order, whatever order the workers finished in
+        shard = Path(shards[path].path)
+        parts.append(datasets.Dataset.from_file(str(shard / "data.arrow")))  # memory-mapped
+        info = json.loads((shard / _SHARD_DONE).read_text())
+        for key, value in info["stats"].items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+        totals.setdefault("skipped_examples", []).extend(info["stats"].get("skipped_examples", [])[:2])
+    totals["files"] = len(files)
+    totals["reused_shards"] = sum(r.reused for r in shards.values())
+    dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    totals["examples"] = len(dataset)
+    return VariantSource(dataset, settings.seed, settings.source), totals
+
+
+def tokenise_files(
+    files: list[str],
+    settings: ObjectiveSettings,
+    tokenizer_dir: str,
+    prompts: dict[str, list[str]] | str | os.PathLike,
+    cache_root: str | os.PathLike,
+    num_proc: int = 1,
+    what: str = "data.sources",
+    piece_bytes: int = PIECE_BYTES,
+) -> dict[str, ShardResult]:
+    """The tokenisation pass of ``tokenize_source`` alone: each file's shard, made now or reused."""
     if not isinstance(prompts, dict):
         prompts = load_prompts(prompts)
-    files = list(pattern) if isinstance(pattern, list) else expand_paths(pattern, what)
     settings_key = fingerprint(
         f"readers/{READER_VERSION}",
         # the seed only drives the per-visit draws, made after the cache: a seed sweep reuses the shards
@@ -287,20 +319,7 @@ def tokenize_source(
             for path, result, _ in track(events, len(todo), desc, "files", amount=lambda event: event[2]):
                 if result is not None:
                     shards[path] = result
-    parts, totals = [], {}
-    for path in files:  # input order, whatever order the workers finished in
-        shard = Path(shards[path].path)
-        parts.append(datasets.Dataset.from_file(str(shard / "data.arrow")))  # memory-mapped
-        info = json.loads((shard / _SHARD_DONE).read_text())
-        for key, value in info["stats"].items():
-            if isinstance(value, int):
-                totals[key] = totals.get(key, 0) + value
-        totals.setdefault("skipped_examples", []).extend(info["stats"].get("skipped_examples", [])[:2])
-    totals["files"] = len(files)
-    totals["reused_shards"] = sum(r.reused for r in shards.values())
-    dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    totals["examples"] = len(dataset)
-    return VariantSource(dataset, settings.seed, settings.source), totals
+    return shards
 
 
 class VariantSource:
