@@ -9,8 +9,10 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+if TYPE_CHECKING:  # billa.model and the benchmarks import this module on machines without Hydra/OmegaConf
+    from omegaconf import DictConfig
 
 
 class ConfigError(ValueError):

@@ -10,9 +10,7 @@ from collections.abc import Mapping
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from omegaconf import OmegaConf
 
 from billa.config import ConfigError
 from billa.distributed.memory import partition_report, track_materialised
@@ -315,6 +313,9 @@ class BillaLM(L.LightningModule):
         )
 
     def configure_optimizers(self):
+        from hydra.utils import instantiate  # here, not at the top: the module loads without Hydra (GPU benchmarks)
+        from omegaconf import OmegaConf
+
         optimizer_spec = dict(self.hparams.optimizer)
         # optimizer.weight_decay_on: all (BiLLa: decay on every parameter) | matrices (not on norms); see docs/recipe.md
         decay_on = optimizer_spec.pop("weight_decay_on", "all")
