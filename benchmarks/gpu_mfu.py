@@ -16,6 +16,7 @@ MFU = 6 N + 12 L h s FLOPs per token (``billa.callbacks.flops_per_token``; N wit
 recomputation not counted) x tokens/s / the GPU's dense bf16 peak.
 
     python benchmarks/gpu_mfu.py [--layers 16] [--seq 2048] [--rounds 2] [--contenders eager:off:4 compiled:off:4 ...]
+        [--profile compiled:off:8]                     # + where one contender's GPU time goes, by kernel kind
     python benchmarks/gpu_mfu.py --device cpu --hidden 128 --heads 2 --layers 2 --seq 64   # smoke test of the script
 """
 
@@ -40,7 +41,19 @@ from billa.model.module import BillaLM  # noqa: E402
 
 VOCAB = 46_943
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
-CONTENDERS = ["eager:off:4", "compiled:off:4", "compiled:off:8", "eager:on:8", "compiled:on:8"]
+CONTENDERS = ["eager:off:4", "compiled:off:4", "compiled:off:8", "compiled:off:12", "eager:on:8", "compiled:on:8"]
+KERNELS = {  # kernel-name fragment -> where a step's GPU time goes (first match wins)
+    "flash": "attention (SDPA flash)",
+    "fmha": "attention (SDPA flash)",
+    "triton": "fused elementwise (inductor)",
+    "gemm": "matmuls (cuBLAS)",
+    "nvjet": "matmuls (cuBLAS)",
+    "xmma": "matmuls (cuBLAS)",
+    "cutlass": "matmuls (cuBLAS)",
+    "adam": "optimizer (fused AdamW)",
+    "multi_tensor": "clipping (foreach)",
+    "embedding": "embedding",
+}
 
 
 def peak_tflops(name: str) -> float | None:
@@ -127,6 +140,32 @@ def run_round(module, optimizer, contender: str, args, warmup: int) -> dict:
     return {"tokens_per_s": args.steps * rows * args.seq / seconds, "peak_gib": peak, "loss": loss.item()}
 
 
+def profile_steps(module, optimizer, contender: str, args, steps: int = 2) -> None:
+    """Where the GPU time of ``steps`` steps of ``contender`` goes: kernel time per kind, and GPU-idle time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run_round(module, optimizer, contender, argparse.Namespace(**{**vars(args), "steps": 1}), warmup=1)
+    cuda = args.device == "cuda"  # on a CPU (smoke test) operator times stand in for kernel times
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        r = run_round(module, optimizer, contender, argparse.Namespace(**{**vars(args), "steps": steps}), warmup=0)
+    step_ms = args.seq * int(contender.split(":")[2]) / r["tokens_per_s"] * 1e3
+    kinds: dict[str, float] = {}
+    events = prof.key_averages()
+    ms = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps for e in events}
+    counts = {e.key: e.count // steps for e in events}
+    names = sorted(ms, key=lambda k: -ms[k])
+    for name in names:
+        kind = next((k for f, k in KERNELS.items() if f in name.lower()), "other kernels")
+        kinds[kind] = kinds.get(kind, 0.0) + ms[name]
+    print(f"profile of {contender}: {step_ms:.0f} ms per step (wall, profiled); GPU kernel time per step:")
+    for kind, total in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:30s} {total:7.1f} ms  {total / step_ms:6.1%}")
+    print(f"  {'GPU idle or overlapping':30s} {step_ms - sum(kinds.values()):7.1f} ms")
+    print("  top kernels:")
+    for name in names[:12]:
+        print(f"    {ms[name]:7.1f} ms  x{counts[name]:<4d} {name[:90]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16)
@@ -139,6 +178,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps in the first round (1 later)")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--profile", metavar="CONTENDER", help="then profile two steps of this contender")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_mfu.py needs a CUDA GPU (--device cpu only smoke-tests the script)")
@@ -190,6 +230,8 @@ def main() -> None:
             f"{max(r['peak_gib'] for r in runs):.1f} GiB",
             flush=True,
         )
+    if args.profile:
+        profile_steps(module, optimizer, args.profile, args)
 
 
 if __name__ == "__main__":
