@@ -10,17 +10,23 @@ different lengths; stage 1's conditional generation masks the part before the cu
 Same model, same init, same samples in the same order for every contender (``--batch`` samples per optimizer step,
 AdamW, clip 2.0). HF Trainer gets dynamic padding to the longest sample of the batch (what its
 ``DataCollatorForSeq2Seq``/``DataCollatorWithPadding`` do); the plain loop the same batches; billa ``pad`` the same
-through ``BillaLM``; billa ``pack`` packs each step's samples into rows of ``--max-len`` (``PackCollator``). Contenders
-alternate over ``--repeats`` rounds; the figure is labelled tokens per second (median), and the mean training loss of
-each contender is printed to show they train on the same objective.
+through ``BillaLM``; billa ``pack`` packs each step's samples into rows of ``--max-len`` (``PackCollator``; on a GPU
+with SDPA the rows go by position ids, no T x T mask). ``--compile`` adds billa ``pack`` with ``compile=true`` (each
+decoder layer compiled) and HF Trainer with its ``torch_compile=True``. Contenders alternate over ``--repeats``
+rounds; the figure is labelled tokens per second (median), and the mean training loss of each contender is printed
+to show they train on the same objective. The tokens each layout feeds the model per step are printed too: where
+the step time follows them (a compute-bound step) packing gains what padding wastes; a small model on a large GPU
+is bound by kernel launches and per-step overhead instead, and no layout can show there.
 
     python benchmarks/recipe_batches.py                        # CPU default: small model, max_len 512
-    python benchmarks/recipe_batches.py --accelerator gpu --precision bf16 --hidden 1024 --layers 8 --max-len 1024
+    python benchmarks/recipe_batches.py --accelerator gpu --precision bf16 --hidden 2048 --layers 8 --batch 16 \
+        --max-len 1024 --kind sft                              # compute-bound on an H100
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -37,7 +43,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from billa.data.collate import PackCollator, PadCollator  # noqa: E402
-from billa.model.builders import llama_config  # noqa: E402
+from billa.model.builders import compile_decoder_layers, llama_config  # noqa: E402
 from billa.model.module import BillaLM  # noqa: E402
 from billa.model.packing import MASK, packed_layout  # noqa: E402
 from billa.model.schedule import cosine_with_warmup  # noqa: E402
@@ -62,6 +68,11 @@ def make_samples(kind: str, n: int, max_len: int, seed: int = 0) -> list[dict]:
     return samples
 
 
+def fed_tokens(samples: list[dict], batch: int, collate) -> int:
+    """Token positions (padding included) the model runs on when ``collate`` batches ``samples`` by ``batch``."""
+    return sum(collate(samples[i : i + batch])["input_ids"].numel() for i in range(0, len(samples), batch))
+
+
 def label_tokens(samples: list[dict]) -> int:
     """Tokens the loss is taken on (the first position of a sample predicts nothing)."""
     return sum(sum(1 for y in s["labels"][1:] if y != -100) for s in samples)
@@ -81,10 +92,12 @@ class Setup:
         }
         self.gpu = args.accelerator == "gpu"
         self.bf16 = args.precision == "bf16"
+        torch.manual_seed(0)
+        self._template = LlamaForCausalLM(llama_config(self.arch, VOCAB))  # initialised once (seconds at 0.6 B)
 
     def model(self) -> LlamaForCausalLM:
-        torch.manual_seed(0)
-        return LlamaForCausalLM(llama_config(self.arch, VOCAB))
+        """A fresh copy of the same initial weights, for each contender and round."""
+        return copy.deepcopy(self._template)
 
 
 def run_plain(setup: Setup, samples, steps, warmup) -> tuple[float, float]:
@@ -127,7 +140,7 @@ class _Clock(L.Callback):
         self.end = time.perf_counter()
 
 
-def run_billa(setup: Setup, samples, steps, warmup, layout: str) -> tuple[float, float]:
+def run_billa(setup: Setup, samples, steps, warmup, layout: str, compile: bool = False) -> tuple[float, float]:
     precision = "bf16-mixed" if setup.bf16 else "32-true"
     optimizer = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": LR, "betas": [0.9, 0.95]}
     optimizer.update(weight_decay=0.1, fused=True)  # as conf/train.yaml; bf16-mixed keeps fused (BillaLM clips)
@@ -139,8 +152,11 @@ def run_billa(setup: Setup, samples, steps, warmup, layout: str) -> tuple[float,
         total_steps=steps,
         validate_at_start=False,
         clip_grad_norm=CLIP if setup.bf16 else None,
+        compile=compile,
     )
-    module.model = setup.model()
+    module.model = setup.model()  # set here, so configure_model builds nothing: do what it does with compile=true
+    if compile:
+        compile_decoder_layers(module.model)
     device = "cuda" if setup.gpu else "cpu"  # as BillaDataModule: no 4D mask where SDPA reads the position ids
     pack_mask = packed_layout(device, module.model.config._attn_implementation) == MASK
     collate = PackCollator(0, setup.args.max_len, mask=pack_mask) if layout == "pack" else PadCollator(0)
@@ -178,7 +194,7 @@ class _HFClock(TrainerCallback):
         self.end = time.perf_counter()
 
 
-def run_hf(setup: Setup, samples, steps, warmup) -> tuple[float, float]:
+def run_hf(setup: Setup, samples, steps, warmup, compile: bool = False) -> tuple[float, float]:
     clock = _HFClock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -200,6 +216,7 @@ def run_hf(setup: Setup, samples, steps, warmup) -> tuple[float, float]:
             disable_tqdm=True,
             dataloader_num_workers=0,
             seed=0,
+            torch_compile=compile,
         )
         trainer = Trainer(
             model=setup.model(), args=args, train_dataset=samples, data_collator=PadCollator(0), callbacks=[clock]
@@ -222,6 +239,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="add billa-pack compile=true and HF torch_compile")
     args = parser.parse_args()
     setup = Setup(args)
     contenders = {
@@ -230,6 +248,9 @@ def main() -> None:
         "billa-pad": lambda s: run_billa(setup, s, args.steps, args.warmup, "pad"),
         "billa-pack": lambda s: run_billa(setup, s, args.steps, args.warmup, "pack"),
     }
+    if args.compile:
+        contenders["hf-compiled"] = lambda s: run_hf(setup, s, args.steps, args.warmup, compile=True)
+        contenders["billa-pack-compiled"] = lambda s: run_billa(setup, s, args.steps, args.warmup, "pack", True)
     print(
         f"LLaMA {args.layers}x{args.hidden}, vocab {VOCAB:,}, {args.batch} samples/step, max_len {args.max_len}, "
         f"{args.steps} steps ({args.warmup} untimed), {args.repeats} rounds, {args.accelerator} {args.precision}, "
@@ -241,20 +262,30 @@ def main() -> None:
         labelled = label_tokens(timed)
         share = labelled / sum(len(s["input_ids"]) for s in timed)
         rates, losses = {name: [] for name in contenders}, {}
-        for _ in range(args.repeats):
+        for round_ in range(args.repeats):
             for name, fn in contenders.items():
                 seconds, loss = fn(samples)
                 rates[name].append(labelled / seconds)
                 losses[name] = loss
+                print(f"[{kind}] round {round_ + 1} {name}: {labelled / seconds:,.0f} labelled tokens/s", flush=True)
         med = {name: statistics.median(values) for name, values in rates.items()}
-        print(f"[{kind}] {labelled:,} labelled tokens timed ({share:.0%} of tokens labelled)")
+        print(
+            f"[{kind}] {labelled:,} labelled tokens timed ({share:.0%} of tokens labelled); "
+            f"tokens fed to the model: padded {fed_tokens(timed, args.batch, PadCollator(0)):,}, "
+            f"packed {fed_tokens(timed, args.batch, PackCollator(0, args.max_len, mask=False)):,}"
+        )
         for name in contenders:
-            print(f"[{kind}]   {name:10s} {med[name]:10.1f} labelled tokens/s   mean train loss {losses[name]:.4f}")
+            print(f"[{kind}]   {name:20s} {med[name]:10.1f} labelled tokens/s   mean train loss {losses[name]:.4f}")
         print(
             f"[{kind}] billa-pack / HF Trainer = {med['billa-pack'] / med['hf']:.2f}x (goal >= 1.5)   "
             f"billa-pad / HF Trainer = {med['billa-pad'] / med['hf']:.2f}x (goal >= 1.0)   "
             f"billa-pad / plain = {med['billa-pad'] / med['plain']:.2f}x"
         )
+        if args.compile:
+            print(
+                f"[{kind}] compiled: billa-pack / HF Trainer = {med['billa-pack-compiled'] / med['hf-compiled']:.2f}x,"
+                f" billa-pack compiled / HF Trainer eager = {med['billa-pack-compiled'] / med['hf']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

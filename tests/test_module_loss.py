@@ -199,3 +199,30 @@ def test_packed_rows_without_a_4d_mask_give_the_unpacked_losses():
             nll = module.token_nll(fed)[0]
             assert nll.shape == reference.shape, layout
             torch.testing.assert_close(nll.sort().values, reference, rtol=1e-5, atol=1e-5, msg=layout)
+
+
+def test_lm_head_padded_to_aligned_rows_gives_the_same_loss_and_gradients():
+    """lm_head's matmuls run on a weight padded from 97 to 128 rows (BiLLa: 46,943 -> 46,976); loss and gradients
+    are lm_head's own, in fp32 and under bf16 autocast (where the weight is cast before padding).
+
+    Catches the padding rows leaking into the softmax (logits not sliced back to V: a loss over 128 classes), a
+    gradient lost through the padded copy, and a chunked backward that misses it."""
+    from billa.model.loss import aligned_head, lm_head_nll
+
+    g = torch.Generator().manual_seed(3)
+    lm_head = torch.nn.Linear(32, 97, bias=False)
+    hidden = torch.randn(21, 32, generator=g, requires_grad=True)  # (N, H)
+    labels = torch.randint(0, 97, (21,), generator=g)
+    assert aligned_head(lm_head, hidden)(hidden).shape == (21, 97)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            reference = torch.nn.functional.cross_entropy(lm_head(hidden).float(), labels, reduction="none")
+        grads = torch.autograd.grad(reference.sum(), [hidden, lm_head.weight])
+        tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+        for chunk in (0, 5):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                nll = lm_head_nll(lm_head, hidden, labels, chunk)  # (N,)
+            assert nll.shape == (21,)
+            torch.testing.assert_close(nll, reference, **tol)
+            for ours, theirs in zip(torch.autograd.grad(nll.sum(), [hidden, lm_head.weight]), grads, strict=True):
+                torch.testing.assert_close(ours, theirs, **tol)

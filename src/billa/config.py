@@ -9,8 +9,10 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+if TYPE_CHECKING:  # billa.model and the benchmarks import this module on machines without Hydra/OmegaConf
+    from omegaconf import DictConfig
 
 
 class ConfigError(ValueError):
@@ -159,12 +161,30 @@ def validate(cfg: DictConfig) -> BatchPlan:
                 f"sources defined by this data config: {sorted(sources)}"
             )
     _check_exact_mix_per_rank(cfg, plan, mode)
+    strategy = cfg.hardware.get("strategy")
+    check_compile(cfg.get("compile", False), deepspeed=not isinstance(strategy, str) and "config" in strategy)
     warmup = cfg.scheduler.get("warmup_steps", 0)
     if warmup >= cfg.trainer.max_steps:
         raise ConfigError(
             f"`scheduler.warmup_steps`={warmup} must be smaller than `trainer.max_steps`={cfg.trainer.max_steps}"
         )
     return plan
+
+
+def check_compile(compile_layers: object, deepspeed: bool) -> None:
+    """``compile`` is true or false, and true only without DeepSpeed.
+
+    Raises:
+        ConfigError: naming ``compile`` (and ``hardware.strategy`` where DeepSpeed is the reason).
+    """
+    if not isinstance(compile_layers, bool):
+        raise ConfigError(f"`compile`={compile_layers!r}: expected true (torch.compile each decoder layer) or false")
+    if compile_layers and deepspeed:
+        raise ConfigError(
+            "`compile`=true with a DeepSpeed `hardware.strategy`: billa compiles decoder layers only without "
+            "DeepSpeed (ZeRO-3 gathers every parameter in hooks that run inside the layers; compiled layers under "
+            "DeepSpeed are untested). Set compile=false, or use a hardware config without DeepSpeed (hardware=1xa100)"
+        )
 
 
 def _check_exact_mix_per_rank(cfg: DictConfig, plan: BatchPlan, mode: str) -> None:

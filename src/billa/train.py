@@ -119,6 +119,24 @@ def optimizer_config(cfg: DictConfig) -> dict:
     return node
 
 
+def build_module(cfg: DictConfig, vocab_size: int, tokenizer_dir: str | None) -> BillaLM:
+    """The LightningModule of the stage (the model itself is built later, in ``configure_model``)."""
+    return BillaLM(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        vocab_size=vocab_size,
+        optimizer=optimizer_config(cfg),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        total_steps=cfg.trainer.max_steps,
+        init_from=cfg.get("init_from"),
+        gradient_checkpointing=cfg.hardware.activation_checkpointing,
+        validate_at_start=cfg.validate_at_start,
+        tokenizer_dir=tokenizer_dir,
+        loss_chunk_tokens=cfg.get("loss_chunk_tokens", 2048),
+        clip_grad_norm=cfg.trainer.gradient_clip_val if clips_in_module(cfg) else None,
+        compile=cfg.get("compile", False),
+    )
+
+
 def check_memory(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> None:
     """Print the per-device memory plan; stop before training when it cannot fit (``memory_check: false`` skips)."""
     hw = cfg.hardware
@@ -362,19 +380,7 @@ def run(cfg: DictConfig) -> dict:
         report_data(datamodule.stats)
         return {"data": datamodule.stats, "token_cache_dir": datamodule.token_cache_dir}
     check_memory(cfg, plan, vocab_size)
-    module = BillaLM(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        vocab_size=vocab_size,
-        optimizer=optimizer_config(cfg),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        total_steps=cfg.trainer.max_steps,
-        init_from=cfg.get("init_from"),
-        gradient_checkpointing=cfg.hardware.activation_checkpointing,
-        validate_at_start=cfg.validate_at_start,
-        tokenizer_dir=tokenizer_dir,
-        loss_chunk_tokens=cfg.get("loss_chunk_tokens", 2048),
-        clip_grad_norm=cfg.trainer.gradient_clip_val if clips_in_module(cfg) else None,
-    )
+    module = build_module(cfg, vocab_size, tokenizer_dir)
     trainer = build_trainer(cfg, plan, vocab_size)
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)

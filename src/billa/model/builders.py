@@ -73,6 +73,21 @@ def add_residual_dropout(model: PreTrainedModel, p: float) -> int:
     return hooks
 
 
+def compile_decoder_layers(model: PreTrainedModel) -> int:
+    """``torch.compile`` each decoder layer in place (regional compilation); returns the number of layers compiled.
+
+    The layers share one class, so dynamo compiles the layer once and reuses the graph for every other (parameters
+    are graph inputs): compile time is one layer's, whatever the depth. Inside a layer inductor fuses what
+    transformers runs as separate kernels (RMSNorm in fp32, rotary, SiLU x up, residual adds); the attention stays
+    SDPA's kernel. The embedding, the final norm and billa's label-position loss (boolean indexing, chunks) stay eager,
+    outside any graph. ``Module.compile`` keeps parameter names, so checkpoints and exports are unchanged; activation
+    checkpointing and the residual-dropout hooks go on working. Compilation happens at the first forward pass.
+    """
+    for layer in model.model.layers:
+        layer.compile()
+    return len(model.model.layers)
+
+
 def random_init_llama(config: LlamaConfig) -> LlamaForCausalLM:
     """A randomly initialised LLaMA: the same weights for the same seed, in one process or partitioned by ZeRO-3.
 

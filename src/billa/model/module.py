@@ -10,13 +10,11 @@ from collections.abc import Mapping
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from omegaconf import OmegaConf
 
-from billa.config import ConfigError
+from billa.config import ConfigError, check_compile
 from billa.distributed.memory import partition_report, track_materialised
-from billa.model.builders import add_residual_dropout, build_causal_lm
+from billa.model.builders import add_residual_dropout, build_causal_lm, compile_decoder_layers
 from billa.model.loss import lm_head_nll
 from billa.model.packing import feed_packed, packed_layout
 
@@ -39,6 +37,7 @@ class BillaLM(L.LightningModule):
         loss_chunk_tokens: label tokens per lm_head + cross-entropy chunk (``billa.model.loss``); 0 = one piece.
         clip_grad_norm: clip the gradient norm here, before the optimizer step (used under bf16-mixed without
             DeepSpeed, where Lightning refuses to clip for a fused optimizer although bf16 needs no unscaling).
+        compile: ``torch.compile`` each decoder layer (``compile_decoder_layers``); not under DeepSpeed.
     """
 
     def __init__(
@@ -54,6 +53,7 @@ class BillaLM(L.LightningModule):
         tokenizer_dir: str | None = None,
         loss_chunk_tokens: int = 2048,
         clip_grad_norm: float | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # loggers get the whole config from build_logger, redacted
@@ -78,6 +78,9 @@ class BillaLM(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
+        if self.hparams.get("compile"):
+            check_compile(True, deepspeed=isinstance(self._strategy(), DeepSpeedStrategy))
+            compile_decoder_layers(self.model)
 
     @contextlib.contextmanager
     def _zero3_pretrained_loading(self, path: str | None):
@@ -88,8 +91,7 @@ class BillaLM(L.LightningModule):
         transformers' DeepSpeed integration partitions and loads shard by shard while an ``HfDeepSpeedConfig``
         is alive, so a 7B model never materialises whole on one rank.
         """
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        config = getattr(strategy, "config", None)
+        config = getattr(self._strategy(), "config", None)
         stage = ((config or {}).get("zero_optimization") or {}).get("stage", 0)
         if path is None or stage != 3:
             yield
@@ -183,8 +185,11 @@ class BillaLM(L.LightningModule):
             if self.hparams.get("clip_grad_norm") and params:  # bf16-mixed + fused AdamW: Lightning will not clip
                 torch.nn.utils.clip_grads_with_norm_(params, self.hparams.clip_grad_norm, norm, foreach=True)
 
+    def _strategy(self):
+        return self._trainer.strategy if self._trainer is not None else None
+
     def _deepspeed_engine(self):
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        strategy = self._strategy()
         return strategy.deepspeed_engine if isinstance(strategy, DeepSpeedStrategy) else None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -315,6 +320,9 @@ class BillaLM(L.LightningModule):
         )
 
     def configure_optimizers(self):
+        from hydra.utils import instantiate  # here, not at the top: the module loads without Hydra (GPU benchmarks)
+        from omegaconf import OmegaConf
+
         optimizer_spec = dict(self.hparams.optimizer)
         # optimizer.weight_decay_on: all (BiLLa: decay on every parameter) | matrices (not on norms); see docs/recipe.md
         decay_on = optimizer_spec.pop("weight_decay_on", "all")
