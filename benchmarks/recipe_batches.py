@@ -37,10 +37,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from harness import HFClock, LightningClock, fit_lightning, hf_arguments  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import LlamaForCausalLM, Trainer  # noqa: E402
 
 from billa.data.collate import PackCollator, PadCollator  # noqa: E402
 from billa.model.builders import compile_decoder_layers, llama_config  # noqa: E402
@@ -123,23 +123,6 @@ def run_plain(setup: Setup, samples, steps, warmup) -> tuple[float, float]:
     return time.perf_counter() - start, float(torch.stack(losses).float().mean())
 
 
-class _Clock(L.Callback):
-    def __init__(self, warmup):
-        self.warmup, self.start, self.end, self.losses = warmup, None, None, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].detach())
-
-    def on_train_end(self, trainer, pl_module):
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        self.end = time.perf_counter()
-
-
 def run_billa(setup: Setup, samples, steps, warmup, layout: str, compile: bool = False) -> tuple[float, float]:
     precision = "bf16-mixed" if setup.bf16 else "32-true"
     optimizer = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": LR, "betas": [0.9, 0.95]}
@@ -160,62 +143,28 @@ def run_billa(setup: Setup, samples, steps, warmup, layout: str, compile: bool =
     device = "cuda" if setup.gpu else "cpu"  # as BillaDataModule: no 4D mask where SDPA reads the position ids
     pack_mask = packed_layout(device, module.model.config._attn_implementation) == MASK
     collate = PackCollator(0, setup.args.max_len, mask=pack_mask) if layout == "pack" else PadCollator(0)
-    clock = _Clock(warmup)
+    clock = LightningClock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(
-            accelerator=setup.args.accelerator,
-            devices=1,
-            precision=precision,
-            max_steps=steps,
-            gradient_clip_val=None if setup.bf16 else CLIP,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[clock],
-            default_root_dir=tmp,
-            limit_val_batches=0,
+        loader = DataLoader(samples, batch_size=setup.args.batch, collate_fn=collate)
+        clip = None if setup.bf16 else CLIP
+        fit_lightning(
+            module, loader, clock, tmp, accelerator=setup.args.accelerator, precision=precision, steps=steps, clip=clip
         )
-        trainer.fit(module, DataLoader(samples, batch_size=setup.args.batch, collate_fn=collate))
     return clock.end - clock.start, float(torch.stack(clock.losses).float().mean())
 
 
-class _HFClock(TrainerCallback):
-    def __init__(self, warmup):
-        self.warmup, self.start, self.end = warmup, None, None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup:
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
-            self.start = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        self.end = time.perf_counter()
-
-
 def run_hf(setup: Setup, samples, steps, warmup, compile: bool = False) -> tuple[float, float]:
-    clock = _HFClock(warmup)
+    clock = HFClock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            max_steps=steps,
-            per_device_train_batch_size=setup.args.batch,
-            learning_rate=LR,
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            weight_decay=0.1,
-            max_grad_norm=CLIP,
-            lr_scheduler_type="cosine",
+        args = hf_arguments(
+            tmp,
+            steps=steps,
+            batch=setup.args.batch,
+            lr=LR,
+            clip=CLIP,
             warmup_steps=2,
-            use_cpu=not setup.gpu,
+            cpu=not setup.gpu,
             bf16=setup.bf16,
-            report_to=[],
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
             torch_compile=compile,
         )
         trainer = Trainer(

@@ -22,10 +22,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from harness import HFClock, LightningClock, fit_lightning, hf_arguments  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import LlamaForCausalLM, Trainer  # noqa: E402
 
 from billa.data.collate import PadCollator  # noqa: E402
 from billa.model.builders import llama_config  # noqa: E402
@@ -96,18 +96,6 @@ def run_plain(items, steps, warmup, bf16, batch) -> float:
     return (steps - warmup) / (time.perf_counter() - start)
 
 
-class _Clock(L.Callback):
-    def __init__(self, warmup):
-        self.warmup, self.start, self.end = warmup, None, None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        self.end = time.perf_counter()
-
-
 def run_billa(items, steps, warmup, bf16, batch) -> float:
     module = BillaLM(
         model={"architecture": ARCH, "pretrained_path": None},
@@ -119,62 +107,20 @@ def run_billa(items, steps, warmup, bf16, batch) -> float:
         clip_grad_norm=2.0 if bf16 else None,  # as billa.train.run: bf16-mixed keeps fused AdamW and clips itself
     )
     module.model = fresh_model()
-    clock = _Clock(warmup)
+    clock = LightningClock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision="bf16-mixed" if bf16 else "32-true",
-            max_steps=steps,
-            gradient_clip_val=None if bf16 else 2.0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[clock],
-            default_root_dir=tmp,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
+        loader = DataLoader(items, batch_size=batch, collate_fn=PadCollator(0))
+        precision = "bf16-mixed" if bf16 else "32-true"
+        fit_lightning(
+            module, loader, clock, tmp, accelerator="cpu", precision=precision, steps=steps, clip=None if bf16 else 2.0
         )
-        trainer.fit(module, DataLoader(items, batch_size=batch, collate_fn=PadCollator(0)))
     return (steps - warmup) / (clock.end - clock.start)
 
 
-class _HFClock(TrainerCallback):
-    def __init__(self, warmup):
-        self.warmup, self.start, self.end = warmup, None, None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup:
-            self.start = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.end = time.perf_counter()
-
-
 def run_hf(items, steps, warmup, bf16, batch) -> float:
-    clock = _HFClock(warmup)
+    clock = HFClock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            max_steps=steps,
-            per_device_train_batch_size=batch,
-            learning_rate=LR,
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            weight_decay=0.1,
-            max_grad_norm=2.0,
-            lr_scheduler_type="cosine",
-            warmup_steps=5,
-            use_cpu=True,
-            bf16=bf16,
-            report_to=[],
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
-        )
+        args = hf_arguments(tmp, steps=steps, batch=batch, lr=LR, clip=2.0, warmup_steps=5, cpu=True, bf16=bf16)
         trainer = Trainer(
             model=fresh_model(), args=args, train_dataset=items, data_collator=PadCollator(0), callbacks=[clock]
         )
