@@ -31,6 +31,7 @@ from billa.data.objectives import Example, Variants, load_prompts, record_rng
 from billa.data.readers import HUB_PREFIX, PIECE_BYTES, READER_VERSION, Piece, expand_paths
 from billa.data.tokenise import InProcess, ObjectiveSettings, WorkerPool, schema, tmp_suffix, tokenizer_spec
 from billa.progress import track
+from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -169,6 +170,19 @@ def _piece_done(shard: str, piece: Piece) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
+def sum_stats(parts: list[dict], examples_each: int, examples_kept: int | None = None) -> dict:
+    """Counters of pieces or files added up; ``skipped_examples`` keeps the first ``examples_each`` of each part
+    (at most ``examples_kept`` in all)."""
+    total: dict = {"skipped_examples": []}
+    for stats in parts:
+        for key, value in stats.items():
+            if isinstance(value, int):
+                total[key] = total.get(key, 0) + value
+        total["skipped_examples"].extend(stats.get("skipped_examples", [])[:examples_each])
+    total["skipped_examples"] = total["skipped_examples"][:examples_kept]
+    return total
+
+
 def _join_pieces(path: str, shard: str, results: list[dict]) -> ShardResult:
     """Join a file's finished pieces, in order, into its shard (one Arrow file) and rename the shard into place."""
     import pyarrow as pa
@@ -186,11 +200,7 @@ def _join_pieces(path: str, shard: str, results: list[dict]) -> ShardResult:
                 with pa.ipc.open_stream(pa.memory_map(str(arrow))) as reader:
                     for batch in reader:
                         writer.write_batch(batch)
-    stats: dict = {}
-    for result in results:
-        for key, value in result["stats"].items():
-            stats[key] = stats.get(key, 0 if isinstance(value, int) else []) + value
-    stats["skipped_examples"] = stats.get("skipped_examples", [])[:5]
+    stats = sum_stats([result["stats"] for result in results], examples_each=5, examples_kept=5)
     examples = sum(result["examples"] for result in results)
     (tmp / _SHARD_DONE).write_text(json.dumps({"file": path, "examples": examples, "stats": stats}))
     try:
@@ -257,15 +267,12 @@ def tokenize_source(
 
     files = list(pattern) if isinstance(pattern, list) else expand_paths(pattern, what)
     shards = tokenise_files(files, settings, tokenizer_dir, prompts, cache_root, num_proc, what, piece_bytes)
-    parts, totals = [], {}
+    parts, per_file = [], []
     for path in files:  # input order, whatever order the workers finished in
         shard = Path(shards[path].path)
         parts.append(datasets.Dataset.from_file(str(shard / "data.arrow")))  # memory-mapped
-        info = json.loads((shard / _SHARD_DONE).read_text())
-        for key, value in info["stats"].items():
-            if isinstance(value, int):
-                totals[key] = totals.get(key, 0) + value
-        totals.setdefault("skipped_examples", []).extend(info["stats"].get("skipped_examples", [])[:2])
+        per_file.append(json.loads((shard / _SHARD_DONE).read_text())["stats"])
+    totals = sum_stats(per_file, examples_each=2)
     totals["files"] = len(files)
     totals["reused_shards"] = sum(r.reused for r in shards.values())
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -308,8 +315,6 @@ def tokenise_files(
         reused = f", {len(files) - len(todo)} files reused" if len(todo) < len(files) else ""
         desc = f"tokenising {what.removeprefix('data.sources.')}{reused}"
         size = sum(0 if path.startswith(HUB_PREFIX) else os.path.getsize(path) for path, _ in todo)
-        from billa.tokenizer.load import load_tokenizer
-
         spec = tokenizer_spec(load_tokenizer(tokenizer_dir))
         # worker start-up (~0.3 s each) only pays off beyond one piece of input
         parallel = num_proc > 1 and (size > piece_bytes or len(todo) > 1 and size == 0)

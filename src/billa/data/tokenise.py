@@ -150,8 +150,8 @@ def tokenize_piece(piece: Piece, settings: ObjectiveSettings, out: str) -> dict:
     stats = ReadStats()
     n_examples = dropped = 0
     records = read_piece(piece, settings.fmt, stats, settings.on_error, **dict(settings.reader_options))
-    tmp = out + tmp_suffix()
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema()) as writer:
+    tmp, table_schema = out + tmp_suffix(), schema()
+    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, table_schema) as writer:
         while chunk := list(itertools.islice(records, CHUNK)):
             examples, chunk_dropped = _encode_chunk(chunk, settings, ctx, worker.encode)
             dropped += chunk_dropped
@@ -164,7 +164,7 @@ def tokenize_piece(piece: Piece, settings: ObjectiveSettings, out: str) -> dict:
                     pa.array([v.cut for v, _ in examples], pa.bool_()),
                     pa.array([line for _, line in examples], pa.int64()),
                 ]
-                writer.write_batch(pa.record_batch(columns, schema=schema()))
+                writer.write_batch(pa.record_batch(columns, schema=table_schema))
     os.replace(tmp, out)
     result = {
         "examples": n_examples,
