@@ -6,9 +6,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
-    from billa.train import main as train_main  # imported here so `--help` and `--cfg job` stay fast
+    from billa.cli import train  # imported here so `--help` and `--cfg job` stay fast
 
-    return train_main(cfg)
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from billa.distributed.memory import zero_settings
+from billa.utils.logging import get_logger
+
 if TYPE_CHECKING:  # billa.model and the benchmarks import this module on machines without Hydra/OmegaConf
     from omegaconf import DictConfig
+
+
+log = get_logger(__name__)
 
 
 class ConfigError(ValueError):
@@ -103,6 +109,72 @@ def plan_batch(cfg: DictConfig) -> BatchPlan:
             f"or change batch.global_size to a multiple of {per_step}."
         )
     return BatchPlan(global_size, micro, devices, nodes, global_size // per_step)
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    """What the hardware group implies for training, derived once (``plan_hardware``) and passed on.
+
+    Attributes:
+        batch: the batch layout (``plan_batch``).
+        precision: ``hardware.precision`` as a string (``32-true``, ``bf16-mixed``, ...).
+        deepspeed: the strategy's DeepSpeed config with the micro batch filled in; None without DeepSpeed.
+        zero_stage: the ZeRO stage (None without DeepSpeed).
+        offload_optimizer: ZeRO keeps optimizer states on the CPU.
+        offload_parameters: ZeRO keeps parameters on the CPU.
+        clips_in_module: BillaLM clips gradients itself (bf16-mixed without DeepSpeed and a fused optimizer:
+            Lightning's mixed-precision plugin refuses ``gradient_clip_val`` with an optimizer that unscales inside
+            its step, a rule for fp16 loss scaling; bf16 has no loss scale, so clipping before the step is exact).
+        optimizer: the ``optimizer`` node adapted to strategy and precision (``_adapt_optimizer``).
+    """
+
+    batch: BatchPlan
+    precision: str
+    deepspeed: dict | None
+    zero_stage: int | None
+    offload_optimizer: bool
+    offload_parameters: bool
+    clips_in_module: bool
+    optimizer: dict
+
+    @property
+    def strategy_name(self) -> str:
+        return f"DeepSpeed ZeRO-{self.zero_stage}" if self.zero_stage is not None else "no ZeRO"
+
+
+def plan_hardware(cfg: DictConfig, batch: BatchPlan | None = None) -> HardwarePlan:
+    """The hardware plan of a composed training config (``batch`` defaults to ``plan_batch(cfg)``)."""
+    from omegaconf import OmegaConf
+
+    batch = batch or plan_batch(cfg)
+    strategy = cfg.hardware.strategy
+    deepspeed = None
+    if not isinstance(strategy, str) and "config" in strategy:
+        deepspeed = OmegaConf.to_container(strategy.config, resolve=True)
+        deepspeed["train_micro_batch_size_per_gpu"] = batch.micro_size
+    stage, offload_optimizer, offload_parameters = zero_settings(deepspeed)
+    precision = str(cfg.hardware.precision)
+    fused = bool(cfg.optimizer.get("fused", False))
+    clips = deepspeed is None and precision.startswith("bf16") and "mixed" in precision and fused
+    optimizer = _adapt_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True), precision, deepspeed, clips)
+    return HardwarePlan(batch, precision, deepspeed, stage, offload_optimizer, offload_parameters, clips, optimizer)
+
+
+def _adapt_optimizer(node: dict, precision: str, deepspeed: dict | None, clips_in_module: bool) -> dict:
+    """The optimizer node, adapted to the strategy and precision where a library requires it.
+
+    - ZeRO optimizer offload: torch AdamW becomes DeepSpeed's CPU Adam with the same hyperparameters (DeepSpeed
+      refuses a torch optimizer when optimizer states live on the CPU; its AVX Adam is also faster there).
+    - fp16 mixed precision without DeepSpeed: Lightning's loss scaler cannot unscale before a fused optimizer's
+      step, so ``fused`` is dropped there. bf16-mixed keeps it (BillaLM clips, see ``HardwarePlan.clips_in_module``).
+    """
+    if zero_settings(deepspeed)[1] and node["_target_"] == "torch.optim.AdamW":
+        node = {**node, "_target_": "deepspeed.ops.adam.DeepSpeedCPUAdam", "adamw_mode": True}
+        node.pop("fused", None)
+        log.info("ZeRO optimizer offload: using deepspeed.ops.adam.DeepSpeedCPUAdam (AdamW mode)")
+    elif deepspeed is None and "mixed" in precision and not clips_in_module and node.pop("fused", None):
+        log.info("%s precision without DeepSpeed: fused AdamW off (loss scaling)", precision)
+    return node
 
 
 ON_ERROR = ("raise", "skip")

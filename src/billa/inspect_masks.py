@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
-from billa.config import validate
 from billa.data.objectives import IGNORE
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import setup_logging
@@ -50,14 +49,13 @@ def inspect_stage(cfg: DictConfig, console: Console | None = None) -> dict:
     Returns:
         ``{"samples": [{"source", "tokens", "loss_tokens", "segments"}]}`` for the printed samples.
     """
-    from billa.train import build_datamodule
+    from billa.train import stage_datamodule
 
     setup_logging()
     console = console or Console(soft_wrap=True)
-    plan = validate(cfg)
     tokenizer_dir = instantiate(cfg.model.tokenizer)
     tokenizer = load_tokenizer(tokenizer_dir)
-    datamodule = build_datamodule(cfg, plan, tokenizer_dir)
+    datamodule = stage_datamodule(cfg, tokenizer_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
     count = min(int(cfg.inspect), len(datamodule.train_set))

@@ -1,4 +1,5 @@
-"""``run(cfg)``: build data, module, strategy and trainer from the composed config; fit; export a HF directory."""
+"""``run(cfg)``: one stage. Data module and LightningModule from their config partials, strategy and trainer from the
+hardware plan; fit; export a Hugging Face directory. The pipeline (``billa.pipeline``) runs above this, never inside."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from billa.callbacks import (
     Throughput,
     flops_per_token,
 )
-from billa.config import BatchPlan, ConfigError, exit_on_config_error, plan_batch, validate
+from billa.config import ConfigError, HardwarePlan, plan_hardware, validate
 from billa.data.datamodule import BillaDataModule
 from billa.distributed.checkpoints import resolve_ckpt_path
-from billa.distributed.memory import plan_memory, zero_settings
+from billa.distributed.memory import plan_memory
 from billa.distributed.safe_load import check_checkpoint, weights_only_loading
 from billa.export import gather_state_dict, save_hf_model
 from billa.model.builders import count_parameters
@@ -30,141 +31,78 @@ from billa.model.module import BillaLM
 from billa.model_card import ModelCard, hub_datasets, hydra_choice, hydra_command, realised_mix
 from billa.progress import progress_callbacks
 from billa.tokenizer.load import load_tokenizer
+from billa.utils.instantiate import complete
 from billa.utils.logging import get_logger, setup_logging
 from billa.utils.secrets import redact
 
 log = get_logger(__name__)
 
 
-def build_datamodule(cfg: DictConfig, plan: BatchPlan, tokenizer_dir: str) -> BillaDataModule:
-    data = cfg.data
-    build = instantiate(data.build, _partial_=True) if data.get("build") else None
-    return BillaDataModule(
-        sources=OmegaConf.to_container(data.sources, resolve=True),
-        mix=OmegaConf.to_container(data.mix),
-        objectives=OmegaConf.to_container(data.objectives),
-        tokenizer_dir=tokenizer_dir,
-        max_seq_length=data.max_seq_length,
-        micro_batch_size=plan.micro_size,
-        global_batch_size=plan.global_size,
-        num_samples=cfg.trainer.max_steps * plan.global_size,
-        seed=cfg.seed,
-        val_max_records=data.get("val_max_records", 1000),
-        build=build,
-        prompts_dir=data.get("prompts_dir"),
-        translation_extra_newline=data.get("translation_extra_newline", False),
-        num_workers=cfg.hardware.num_workers,
-        on_error=data.get("on_error", "raise"),
-        token_cache_dir=data.get("token_cache_dir"),
-        num_proc=data.get("num_proc", 1),
-        layout=data.get("layout", "pad"),
-        mix_mode=data.get("mix_mode", "round_robin"),
-        data_slice=data.get("slice"),
-        prompt_types=OmegaConf.to_container(data.prompt_types) if data.get("prompt_types") else None,
-        translation_prompts=OmegaConf.to_container(data.translation_prompts, resolve=True)
-        if data.get("translation_prompts")
-        else None,
-    )
+def run_time_values(cfg: DictConfig, hardware: HardwarePlan, tokenizer_dir: str) -> dict:
+    """What the ``data:`` and ``module:`` partials are completed with: values that exist only at run time or come
+    from other groups. Each target takes the ones it has a parameter for (``billa.utils.instantiate.complete``)."""
+    batch = hardware.batch
+    return {
+        "tokenizer_dir": tokenizer_dir,
+        "vocab_size": len(load_tokenizer(tokenizer_dir)),
+        "micro_batch_size": batch.micro_size,
+        "global_batch_size": batch.global_size,
+        "num_samples": cfg.trainer.max_steps * batch.global_size,  # the training stream's length
+        "total_steps": cfg.trainer.max_steps,  # the schedule's length
+        "seed": cfg.seed,
+        "num_workers": cfg.hardware.num_workers,
+        "gradient_checkpointing": cfg.hardware.activation_checkpointing,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "init_from": cfg.get("init_from"),
+        "optimizer": hardware.optimizer,
+        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
+        "clip_grad_norm": cfg.trainer.gradient_clip_val if hardware.clips_in_module else None,
+    }
 
 
-def strategy_config(cfg: DictConfig) -> dict | None:
-    """The DeepSpeed config of the hardware's strategy (None for ``auto``/DDP)."""
-    strategy = cfg.hardware.strategy
-    if isinstance(strategy, str) or "config" not in strategy:
-        return None
-    return OmegaConf.to_container(strategy.config, resolve=True)
+def stage_datamodule(cfg: DictConfig, tokenizer_dir: str) -> BillaDataModule:
+    """The stage's data module exactly as ``run`` builds it (the mask inspector and tests use it)."""
+    return complete(cfg.data, run_time_values(cfg, plan_hardware(cfg, validate(cfg)), tokenizer_dir))
 
 
-def build_strategy(cfg: DictConfig, plan: BatchPlan):
-    """The hardware's strategy: a string (``auto``, ``ddp``) or an object node; DeepSpeed gets the micro batch."""
-    strategy = cfg.hardware.strategy
+def build_strategy(hardware_cfg: DictConfig, hardware: HardwarePlan):
+    """The hardware's strategy: a string (``auto``, ``ddp``) or an object node; DeepSpeed gets the plan's config."""
+    strategy = hardware_cfg.strategy
     if isinstance(strategy, str):
         return strategy
     node = OmegaConf.to_container(strategy, resolve=True)
-    if "config" in node:
-        node["config"]["train_micro_batch_size_per_gpu"] = plan.micro_size
+    if hardware.deepspeed is not None:
+        node["config"] = hardware.deepspeed
     return instantiate(node, _convert_="all")
 
 
-def clips_in_module(cfg: DictConfig) -> bool:
-    """True where BillaLM clips gradients itself: bf16-mixed without DeepSpeed and a fused optimizer.
-
-    Lightning's mixed-precision plugin refuses ``gradient_clip_val`` with an optimizer that unscales gradients inside
-    its step (fused AdamW) — a rule for fp16 loss scaling; bf16 has no loss scale, so clipping before the step is
-    exact and the fused kernel can stay.
-    """
-    precision = str(cfg.hardware.precision)
-    fused = bool(cfg.optimizer.get("fused", False))
-    return strategy_config(cfg) is None and precision.startswith("bf16") and "mixed" in precision and fused
-
-
-def optimizer_config(cfg: DictConfig) -> dict:
-    """The optimizer node, adapted to the strategy and precision where a library requires it.
-
-    - ZeRO optimizer offload: torch AdamW becomes DeepSpeed's CPU Adam with the same hyperparameters (DeepSpeed
-      refuses a torch optimizer when optimizer states live on the CPU; its AVX Adam is also faster there).
-    - fp16 mixed precision without DeepSpeed: Lightning's loss scaler cannot unscale before a fused optimizer's
-      step, so ``fused`` is dropped there. bf16-mixed keeps it (BillaLM clips, see ``clips_in_module``).
-    """
-    node = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    ds_config = strategy_config(cfg)
-    _, offload_optimizer, _ = zero_settings(ds_config)
-    if offload_optimizer and node["_target_"] == "torch.optim.AdamW":
-        node = {**node, "_target_": "deepspeed.ops.adam.DeepSpeedCPUAdam", "adamw_mode": True}
-        node.pop("fused", None)
-        log.info("ZeRO optimizer offload: using deepspeed.ops.adam.DeepSpeedCPUAdam (AdamW mode)")
-    elif ds_config is None and "mixed" in str(cfg.hardware.precision) and not clips_in_module(cfg):
-        if node.pop("fused", None):
-            log.info("%s precision without DeepSpeed: fused AdamW off (loss scaling)", cfg.hardware.precision)
-    return node
-
-
-def build_module(cfg: DictConfig, vocab_size: int, tokenizer_dir: str | None) -> BillaLM:
-    """The LightningModule of the stage (the model itself is built later, in ``configure_model``)."""
-    return BillaLM(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        vocab_size=vocab_size,
-        optimizer=optimizer_config(cfg),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        total_steps=cfg.trainer.max_steps,
-        init_from=cfg.get("init_from"),
-        gradient_checkpointing=cfg.hardware.activation_checkpointing,
-        validate_at_start=cfg.validate_at_start,
-        tokenizer_dir=tokenizer_dir,
-        loss_chunk_tokens=cfg.get("loss_chunk_tokens", 2048),
-        clip_grad_norm=cfg.trainer.gradient_clip_val if clips_in_module(cfg) else None,
-        compile=cfg.get("compile", False),
-    )
-
-
-def check_memory(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> None:
+def check_memory(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_seq_length: int) -> None:
     """Print the per-device memory plan; stop before training when it cannot fit (``memory_check: false`` skips)."""
-    hw = cfg.hardware
+    hw, batch = cfg.hardware, hardware.batch
     n_params = count_parameters(cfg.model.architecture, vocab_size)
-    stage, offload_optimizer, offload_parameters = zero_settings(strategy_config(cfg))
     memory = plan_memory(
         n_params,
         cfg.model.architecture,
         vocab_size,
-        plan.micro_size,
-        cfg.data.max_seq_length,
-        plan.world_size,
-        str(hw.precision),
-        stage,
-        offload_optimizer,
-        offload_parameters,
+        batch.micro_size,
+        max_seq_length,
+        batch.world_size,
+        hardware.precision,
+        hardware.zero_stage,
+        hardware.offload_optimizer,
+        hardware.offload_parameters,
         hw.activation_checkpointing,
         hw.get("gpu_memory_gb"),
     )
-    zero = "no ZeRO" if stage is None else f"ZeRO stage {stage}"
+    zero = "no ZeRO" if hardware.zero_stage is None else f"ZeRO stage {hardware.zero_stage}"
     log.info(
-        "Memory plan: %s parameters, %s over %d ranks:\n%s", f"{n_params:,}", zero, plan.world_size, memory.table()
+        "Memory plan: %s parameters, %s over %d ranks:\n%s", f"{n_params:,}", zero, batch.world_size, memory.table()
     )
     if not memory.fits and cfg.get("memory_check", True):
         raise ConfigError(
             f"model={cfg.model.name} with this hardware config needs ~{memory.total / 2**30:.1f} GiB per "
             f"device but hardware.gpu_memory_gb={hw.gpu_memory_gb}. Lower hardware.micro_batch_size (now "
-            f"{plan.micro_size}), enable hardware.activation_checkpointing, use more devices or a ZeRO offload "
+            f"{batch.micro_size}), enable hardware.activation_checkpointing, use more devices or a ZeRO offload "
             "hardware config (hardware=8xa100-offload); set memory_check=false to try anyway."
         )
 
@@ -177,12 +115,12 @@ def build_logger(cfg: DictConfig):
     return logger
 
 
-def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Trainer:
-    hw = cfg.hardware
+def build_trainer(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_seq_length: int) -> L.Trainer:
+    hw, batch = cfg.hardware, hardware.batch
     logger = build_logger(cfg)
     arch = cfg.model.architecture
     n_params = count_parameters(arch, vocab_size)
-    fpt = flops_per_token(n_params, arch.num_hidden_layers, arch.hidden_size, cfg.data.max_seq_length)
+    fpt = flops_per_token(n_params, arch.num_hidden_layers, arch.hidden_size, max_seq_length)
     callbacks = [
         Throughput(cfg.trainer.log_every_n_steps, fpt, hw.get("peak_tflops")),
         PartitionReport(str(Path(cfg.output_dir) / "partition")),
@@ -202,7 +140,7 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
     if cfg.get("stop_after_steps"):
         callbacks.append(StopAtStep(cfg.stop_after_steps))
     progress, enable_progress_bar = progress_callbacks(
-        cfg.get("progress", "auto"), cfg.trainer.log_every_n_steps, cfg.trainer.enable_progress_bar, cfg.stage_name
+        cfg.progress, cfg.trainer.log_every_n_steps, cfg.trainer.enable_progress_bar, cfg.stage_name
     )
     callbacks += progress
     return instantiate(
@@ -211,10 +149,10 @@ def build_trainer(cfg: DictConfig, plan: BatchPlan, vocab_size: int) -> L.Traine
         devices=hw.devices,
         num_nodes=hw.num_nodes,
         precision=hw.precision,
-        strategy=build_strategy(cfg, plan),
-        accumulate_grad_batches=plan.accumulation,
-        gradient_clip_val=None if clips_in_module(cfg) else cfg.trainer.gradient_clip_val,  # else BillaLM clips
-        val_check_interval=cfg.val_every_n_steps * plan.accumulation,  # Lightning counts micro batches
+        strategy=build_strategy(hw, hardware),
+        accumulate_grad_batches=batch.accumulation,
+        gradient_clip_val=None if hardware.clips_in_module else cfg.trainer.gradient_clip_val,  # else BillaLM clips
+        val_check_interval=cfg.val_every_n_steps * batch.accumulation,  # Lightning counts micro batches
         check_val_every_n_epoch=None,
         use_distributed_sampler=False,  # BillaDataModule shards the stream itself (exact resume)
         logger=logger,
@@ -236,34 +174,32 @@ def probe_logits(module: BillaLM, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return out.logits.float().cpu()
 
 
-def model_card(cfg: DictConfig, trainer: L.Trainer, module: BillaLM) -> ModelCard:
-    """What the export's README.md states, gathered from the config and the finished run."""
-    plan, metrics = plan_batch(cfg), {k: float(v) for k, v in trainer.callback_metrics.items()}
+def model_card(cfg: DictConfig, hardware: HardwarePlan, trainer: L.Trainer, module: BillaLM) -> ModelCard:
+    """What the export's README.md states, gathered from the config, the data module and the finished run."""
+    plan, metrics = hardware.batch, {k: float(v) for k, v in trainer.callback_metrics.items()}
     hw, opt, sched, card = cfg.hardware, cfg.optimizer, cfg.scheduler, cfg.export.get("card") or {}
-    ds_config = strategy_config(cfg)
-    zero_stage = zero_settings(ds_config)[0]
+    data: BillaDataModule = trainer.datamodule
+    zero_stage = hardware.zero_stage
     device = torch.cuda.get_device_name(0) if hw.accelerator == "gpu" and torch.cuda.is_available() else hw.accelerator
     finals = {k: v for k, v in sorted(metrics.items()) if k.startswith("val/")}
     if module.val_loss_start is not None:
         finals["val/loss at step 0"] = module.val_loss_start
     if "train/loss" in metrics:
         finals["train/loss (last step)"] = metrics["train/loss"]
-    datamodule = trainer.datamodule
     return ModelCard(
         model_name=cfg.model.name,
         stage=cfg.stage_name,
-        mix=realised_mix(OmegaConf.to_container(cfg.data.mix), metrics),
+        mix=realised_mix(data.mix, metrics),
         schedule={
             "optimizer steps": f"{trainer.global_step:,} of {cfg.trainer.max_steps:,}",
             "batch": str(plan),
-            "sequence length": cfg.data.max_seq_length,
-            "tokens per step (max)": f"{plan.global_size * cfg.data.max_seq_length:,}",
+            "sequence length": data.max_seq_length,
+            "tokens per step (max)": f"{plan.global_size * data.max_seq_length:,}",
             "learning rate": f"{opt.lr:g}, {sched.get('warmup_steps', 0)} warmup steps, cosine to "
             f"{sched.get('min_lr_ratio', 0)} x lr",
             "optimizer": f"{opt._target_.rsplit('.', 1)[-1]} betas {list(opt.get('betas', []))}, "
             f"weight decay {opt.get('weight_decay')}, gradient clip {cfg.trainer.get('gradient_clip_val')}",
-            "data": f"mix {cfg.data.get('mix_mode', 'round_robin')}, layout {cfg.data.get('layout', 'pad')}, "
-            f"seed {cfg.seed}",
+            "data": f"mix {data.mix_mode}, layout {data.layout}, seed {data.seed}",
         },
         hardware={
             "hardware config": hydra_choice("hardware") or "-",
@@ -276,11 +212,11 @@ def model_card(cfg: DictConfig, trainer: L.Trainer, module: BillaLM) -> ModelCar
         metrics=finals,
         command=card.get("command") or hydra_command(),
         init_from=cfg.get("init_from") or cfg.model.get("pretrained_path"),
-        data={k: v for k, v in sorted(datamodule.stats.items())} if datamodule is not None else {},
+        data=dict(sorted(data.stats.items())),
         license=card.get("license", "other"),
         license_name=card.get("license_name"),
         base_model=card.get("base_model"),
-        datasets=[*card.get("datasets", []), *hub_datasets(OmegaConf.to_container(cfg.data.sources, resolve=True))],
+        datasets=[*card.get("datasets", []), *hub_datasets(data.sources)],
         tags=list(card.get("tags", [])),
         notes=[
             "Samples and tokens per source are those of the `train/samples/<source>` and `train/tokens/<source>` "
@@ -290,7 +226,9 @@ def model_card(cfg: DictConfig, trainer: L.Trainer, module: BillaLM) -> ModelCar
     )
 
 
-def export(cfg: DictConfig, trainer: L.Trainer, module: BillaLM, tokenizer_dir: str, probe: dict | None) -> dict:
+def export(
+    cfg: DictConfig, hardware: HardwarePlan, trainer: L.Trainer, module: BillaLM, tokenizer_dir: str, probe: dict | None
+) -> dict:
     """Gather (ZeRO-3: per parameter) and write the HF directory on rank 0; optionally check it against the model."""
     state = gather_state_dict(module.model, trainer.is_global_zero)
     trained_logits = probe_logits(module, probe) if probe is not None and cfg.export.verify else None
@@ -302,9 +240,9 @@ def export(cfg: DictConfig, trainer: L.Trainer, module: BillaLM, tokenizer_dir: 
             cfg.export.dir,
             state,
             cfg.export.max_shard_size,
-            model_max_length=cfg.data.max_seq_length,  # the context trained on, not the architecture's maximum
+            model_max_length=trainer.datamodule.max_seq_length,  # the context trained on, not the model's maximum
             generation=OmegaConf.to_container(cfg.export.generation) if cfg.export.get("generation") else None,
-            card=model_card(cfg, trainer, module),
+            card=model_card(cfg, hardware, trainer, module),
         )
         if trained_logits is not None:
             from transformers import AutoModelForCausalLM
@@ -361,34 +299,36 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 def run(cfg: DictConfig) -> dict:
     """Train one stage as configured and export the result.
 
+    The steps: check the config and derive the batch and hardware plans; build the data module and the
+    LightningModule from their ``data:`` / ``module:`` partials, completed with the run-time values; fit; export.
+
     Returns:
         ``export_dir``, ``val_loss_start``, ``val_loss`` (last validation), ``train_loss``, ``global_step``,
         ``resumed_from`` and, with ``export.verify``, ``export_max_abs_logit_diff``.
     """
     setup_logging()
-    plan = validate(cfg)
-    log.info("Stage %s, model %s, %s", cfg.stage_name, cfg.model.name, plan)
+    hardware = plan_hardware(cfg, validate(cfg))
+    log.info("Stage %s, model %s, %s", cfg.stage_name, cfg.model.name, hardware.batch)
     ckpt_path = resume_checkpoint(cfg)
-    trust = bool(cfg.get("trust_checkpoint", False))
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
-    vocab_size = len(load_tokenizer(tokenizer_dir))
-    datamodule = build_datamodule(cfg, plan, tokenizer_dir)
-    if cfg.get("prepare_only"):  # tokenise every source into the cache and stop (e.g. on a CPU node before a GPU job)
+    runtime = run_time_values(cfg, hardware, tokenizer_dir)
+    datamodule: BillaDataModule = complete(cfg.data, runtime)
+    if cfg.prepare_only:  # tokenise every source into the cache and stop (e.g. on a CPU node before a GPU job)
         datamodule.prepare_data()
         report_data(datamodule.stats)
         return {"data": datamodule.stats, "token_cache_dir": datamodule.token_cache_dir}
-    check_memory(cfg, plan, vocab_size)
-    module = build_module(cfg, vocab_size, tokenizer_dir)
-    trainer = build_trainer(cfg, plan, vocab_size)
+    check_memory(cfg, hardware, runtime["vocab_size"], datamodule.max_seq_length)
+    module: BillaLM = complete(cfg.module, runtime)
+    trainer = build_trainer(cfg, hardware, runtime["vocab_size"], datamodule.max_seq_length)
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)
-    with weights_only_loading(trust) if ckpt_path else contextlib.nullcontext():  # DeepSpeed's loads included
+    with weights_only_loading(bool(cfg.trust_checkpoint)) if ckpt_path else contextlib.nullcontext():  # DeepSpeed's too
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     probe = next(iter(datamodule.val_dataloader()), None) if datamodule.val_set else None
-    result = export(cfg, trainer, module, tokenizer_dir, probe)
+    result = export(cfg, hardware, trainer, module, tokenizer_dir, probe)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report_data(datamodule.stats)
     return {
@@ -401,26 +341,3 @@ def run(cfg: DictConfig) -> dict:
         "resumed_from": ckpt_path,
         "metrics": metrics,
     }
-
-
-def main(cfg: DictConfig) -> dict:
-    """``train.py``: a whole pipeline when ``pipeline=`` is chosen (``billa.pipeline``), else one stage.
-
-    A ``ConfigError`` (a bad value the user can fix by changing the named keys) ends the process with one
-    ``billa: error: ...`` block and exit status 2, like a bad Hydra group choice; ``HYDRA_FULL_ERROR=1`` re-raises
-    it with its stack trace. Every other exception propagates unchanged.
-    """
-    with exit_on_config_error():
-        return _dispatch(cfg)
-
-
-def _dispatch(cfg: DictConfig) -> dict:
-    if cfg.get("pipeline") and cfg.pipeline.get("steps"):
-        from billa.pipeline import run_pipeline
-
-        return run_pipeline(cfg)
-    if cfg.get("inspect"):
-        from billa.inspect_masks import inspect_stage
-
-        return inspect_stage(cfg)
-    return run(cfg)

@@ -37,31 +37,40 @@ def _slice_bound(part: str, names: list[str]) -> int | None:
 class BillaDataModule(L.LightningDataModule):
     """Reads every source the stage's mix names, applies the objective of its record kind, mixes by round robin.
 
+    Built from the ``data:`` node of ``conf/train.yaml`` (``_target_`` + ``_partial_: true``): every key of that node
+    is a parameter here, and ``billa.train`` completes the partial with the run-time values by name
+    (``tokenizer_dir``, ``micro_batch_size``, ``global_batch_size``, ``num_samples``, ``seed``, ``num_workers``).
+    The defaults below are the only ones in code; a new option is one parameter here and one line in the YAML.
+
     Args:
         sources: ``data.sources``: name -> {kind, format, train, val, **reader options}.
         mix: ``data.mix``: name -> integer weight.
         objectives: ``data.objectives``: record kind -> objective name (a key of ``OBJECTIVES``).
-        tokenizer_dir: HF tokenizer directory (with ``tokenizer.model``).
+        tokenizer_dir: HF tokenizer directory (with ``tokenizer.model``). Run time.
         max_seq_length: truncate every example to this many tokens.
-        micro_batch_size: sequences per device per forward pass.
-        global_batch_size: sequences per optimizer step over all devices (for the resume position).
-        num_samples: length of the training stream (max_steps x global batch).
-        seed: drives cut points, prompts, directions and the per-source permutations.
+        micro_batch_size: sequences per device per forward pass. Run time (the batch plan).
+        num_samples: length of the training stream (max_steps x global batch). Run time.
+        global_batch_size: sequences per optimizer step over all devices (for the resume position). Run time.
+        seed: drives cut points, prompts, directions and the per-source permutations. Run time (``seed``).
         val_max_records: at most this many validation records per source.
         build: optional callable that creates the files (the sample corpus); run once on rank 0.
         prompts_dir: directory of ``*.prompt`` files (``data.prompts_dir``); default ``conf/prompts``. BiLLa's layout
             (``<type>.pre.prompt`` / ``<type>.post.prompt``) is read as it is.
-        prompt_types: ``data.prompt_types``: record ``type`` -> prompt-file stem, for types without their own files.
-        translation_prompts: ``data.translation_prompts``: ``en2zh`` / ``zh2en`` -> prompt file; default
-            ``<prompts_dir>/translation.<direction>.prompt``.
         translation_extra_newline: stage 2's translation prefix, ``source.rstrip() + "\\n" + prompt + "\\n"``.
+        num_workers: dataloader workers per device. Run time (``hardware.num_workers``).
         on_error: ``raise`` at the first malformed record (naming file and line), or ``skip``: count, report, log.
         token_cache_dir: where tokenised Arrow shards are kept (``billa.data.cache``).
         num_proc: tokenisation worker processes.
-        mix_mode: ``round_robin`` (integer weights, exact per cycle; BiLLa) or ``probability`` (weights as odds).
         layout: ``pad`` (truncate and pad each sample, BiLLa) or ``pack`` (several samples per row, see PackCollator).
-        data_slice: the stage's slice name (``data.slice``): a source with ``slices: {<name>: "start:stop"}`` trains
+        mix_mode: ``round_robin`` (integer weights, exact per cycle; BiLLa) or ``probability`` (weights as odds).
+        slice: the stage's slice name (``data.slice``): a source with ``slices: {<name>: "start:stop"}`` trains
             on that range of its sorted train files only (stage 2 reads LM files stage 1 did not).
+        prompt_types: ``data.prompt_types``: record ``type`` -> prompt-file stem, for types without their own files.
+        translation_prompts: ``data.translation_prompts``: ``en2zh`` / ``zh2en`` -> prompt file; default
+            ``<prompts_dir>/translation.<direction>.prompt``.
+        exact_mix_per_rank: every rank's micro batch holds the exact mix; checked against the batch plan by
+            ``billa.config.validate`` before any data is read (the stream itself is the same either way).
+        root: the directory the source paths of a data config are written under (``${data.root}``); logged only.
     """
 
     def __init__(
@@ -85,9 +94,11 @@ class BillaDataModule(L.LightningDataModule):
         num_proc: int = 1,
         layout: str = "pad",
         mix_mode: str = "round_robin",
-        data_slice: str | None = None,
+        slice: str | None = None,  # the YAML key data.slice (shadows the builtin only in here)
         prompt_types: Mapping[str, str] | None = None,
         translation_prompts: Mapping[str, str] | None = None,
+        exact_mix_per_rank: bool = False,
+        root: str | None = None,
     ):
         super().__init__()
         self.sources = {name: dict(spec) for name, spec in sources.items()}
@@ -112,10 +123,12 @@ class BillaDataModule(L.LightningDataModule):
         self.token_cache_dir = token_cache_dir or str(Path.home() / ".cache" / "billa" / "tokenized")
         self.num_proc = num_proc
         if layout not in ("pad", "pack"):
-            raise ValueError(f"data.layout={layout!r}: expected pad (BiLLa: one sample per row) or pack")
+            raise ConfigError(f"`data.layout`={layout!r}: expected pad (BiLLa: one sample per row) or pack")
         self.layout = layout
         self.mix_mode = mix_mode
-        self.data_slice = data_slice
+        self.data_slice = slice
+        self.exact_mix_per_rank = exact_mix_per_rank
+        self.root = root
         self.train_set: MixedDataset | None = None
         self.val_set: list[dict] | None = None
         self.stats: dict[str, dict] = {}
@@ -138,15 +151,15 @@ class BillaDataModule(L.LightningDataModule):
         )
         types = tuple(sorted(self.prompt_types.items())) if objective in ("task", "dialogue") else ()
         return ObjectiveSettings(
-            name,
-            spec["format"],
-            objective,
-            self.max_seq_length,
-            self.seed,
-            self.translation_extra_newline,
-            options,
-            self.on_error,
-            types,
+            source=name,
+            fmt=spec["format"],
+            objective=objective,
+            max_len=self.max_seq_length,
+            seed=self.seed,
+            translation_extra_newline=self.translation_extra_newline,
+            reader_options=options,
+            on_error=self.on_error,
+            prompt_types=types,
         )
 
     @property

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from billa.config import ConfigError
 from billa.data.objectives import IGNORE
+from billa.model.loss import labelled_token_nll
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -147,16 +148,13 @@ class EvalLM:
         out: list = [None] * len(examples)
         for chunk in self._batches(order, desc):
             ids, mask = self._right_padded([examples[i][0] for i in chunk])
-            labels = torch.full_like(ids, IGNORE)
+            labels = torch.full_like(ids, IGNORE)  # (B, T)
             for row, i in enumerate(chunk):
                 labels[row, : len(examples[i][1])] = torch.as_tensor(examples[i][1], dtype=torch.long)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            targets = labels[:, 1:]  # token t is predicted from position t - 1
+            nll, rows = labelled_token_nll(self.model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+            per_row = nll.double().cpu().split(torch.bincount(rows, minlength=len(chunk)).tolist())  # row-major order
             for row, i in enumerate(chunk):
-                keep = targets[row] != IGNORE
-                scored = logits[row, :-1][keep].float()  # (N, V) only the scored positions, in fp32
-                nll = F.cross_entropy(scored, targets[row][keep], reduction="none")
-                out[i] = nll.double().cpu()
+                out[i] = per_row[row]
         return out
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

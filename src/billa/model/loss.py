@@ -67,3 +67,39 @@ def lm_head_nll(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, 
     if not torch.is_grad_enabled():  # validation: nothing to recompute, each chunk's logits are freed at once
         return torch.cat([_chunk_nll(head, h, y) for h, y in chunks])
     return torch.cat([checkpoint(_chunk_nll, head, h, y, use_reentrant=False) for h, y in chunks])  # (N,)
+
+
+IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding, text before a cut)
+
+
+def labelled_token_nll(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (nats) of every labelled token of ``batch`` under a causal LM, and the row each belongs to.
+
+    The one scoring path of billa: training's loss and validation (``BillaLM``), ``evaluate.py``'s perplexity
+    (``EvalLM.token_nll``) and the per-source validation loss task (``billa.evaluate.val_loss``) all call this.
+    Position t predicts token t + 1; labels -100 carry no loss. lm_head runs only on the labelled positions, in
+    chunks of ``chunk_tokens`` (``lm_head_nll``), so prompts and padding never become (B, T, V) logits.
+
+    Args:
+        model: a ``*ForCausalLM`` (its decoder and output embedding are used).
+        batch: ``input_ids`` (B, T), ``attention_mask`` ((B, T), or (B, 1, T, T) / None for packed rows),
+            ``labels`` (B, T) and optionally ``position_ids`` (B, T).
+        chunk_tokens: label tokens per lm_head + cross-entropy chunk; 0 = one piece.
+
+    Returns:
+        ``nll`` (N,) and ``rows`` (N,): the batch row of each labelled token, in row-major order.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),  # restarts per sample in packed rows
+        use_cache=False,  # no KV cache (with one, transformers ignores packed position ids)
+    ).last_hidden_state  # (B, T, H)
+    head = model.get_output_embeddings()
+    labels = batch["labels"][:, 1:].to(hidden.device)  # (B, T-1)
+    keep = labels != IGNORE_INDEX  # (B, T-1)
+    device = head.weight.device  # a model split over GPUs (evaluation's device_map) ends on lm_head's device
+    nll = lm_head_nll(head, hidden[:, :-1][keep].to(device), labels[keep].to(device), chunk_tokens)  # (N,)
+    return nll, keep.nonzero()[:, 0]

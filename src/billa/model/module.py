@@ -15,10 +15,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from billa.config import ConfigError, check_compile
 from billa.distributed.memory import partition_report, track_materialised
 from billa.model.builders import add_residual_dropout, build_causal_lm, compile_decoder_layers
-from billa.model.loss import lm_head_nll
+from billa.model.loss import labelled_token_nll
 from billa.model.packing import feed_packed, packed_layout
-
-IGNORE_INDEX = -100
 
 
 class BillaLM(L.LightningModule):
@@ -115,19 +113,10 @@ class BillaLM(L.LightningModule):
         """
         impl = getattr(self.model.config, "_attn_implementation", None)
         batch = feed_packed(batch, packed_layout(batch["input_ids"].device.type, impl))  # GPU: no T x T mask
-        hidden = self.model.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],  # (B, T) padding, (B, 1, T, T) packed, None: packed by position
-            position_ids=batch.get("position_ids"),  # restarts per sample in packed rows
-            use_cache=False,  # no KV cache in training (with one, transformers ignores packed position ids)
-        ).last_hidden_state  # (B, T, H)
-        labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-        keep = labels != IGNORE_INDEX  # (B, T-1)
         chunk = self.hparams.get("loss_chunk_tokens", 2048)
         if hasattr(self.model.lm_head.weight, "ds_id"):  # ZeRO-3: every lm_head call is a collective gather, and
             chunk = 0  # ranks hold different label counts, so different chunk counts would deadlock: one piece
-        nll = lm_head_nll(self.model.lm_head, hidden[:, :-1][keep], labels[keep], chunk)  # (N,), logits in chunks
-        return nll, keep.nonzero()[:, 0]
+        return labelled_token_nll(self.model, batch, chunk)
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the label tokens of the batch (labels -100 carry no loss); 0 without targets.
