@@ -6,9 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from billa.config import ConfigError, validate
+from billa.config import ConfigError, plan_hardware, validate
 from billa.model.module import BillaLM
-from billa.train import build_module
+from billa.train import run_time_values
+from billa.utils.instantiate import complete
 
 VOCAB = 97
 
@@ -29,8 +30,10 @@ def _module(architecture, **kwargs) -> BillaLM:
 
 def test_compile_key_reaches_the_module(compose):
     """Bug caught: a `compile` key in conf/train.yaml that run() never hands to BillaLM (an option with no effect)."""
-    assert build_module(compose([]), VOCAB, None).hparams.compile is False
-    assert build_module(compose(["compile=true"]), VOCAB, None).hparams.compile is True
+    for overrides, expected in (([], False), (["compile=true"], True)):
+        cfg = compose(overrides)
+        module = complete(cfg.module, run_time_values(cfg, plan_hardware(cfg), None, VOCAB))
+        assert module.hparams.compile is expected
 
 
 def test_only_the_decoder_layers_are_compiled(compose):

@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from billa.config import ConfigError, plan_batch, validate
+from billa.config import ConfigError, plan_batch, plan_hardware, validate
 from billa.model.builders import count_parameters
 from billa.train import build_strategy
 
@@ -14,13 +14,14 @@ from .conftest import CONF
 
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("stage", "model", "data", "hardware", "logger", "pipeline")
+    for group in ("stage", "scale", "model", "data", "hardware", "logger", "pipeline")
 }
 
 
 def test_groups_have_the_documented_choices():
     assert GROUPS["stage"] == ["merged_2_3", "pretrain", "sft", "task_mix"]
     assert GROUPS["pipeline"] == ["billa", "merge_2_3", "none", "skip_2", "three_stage"]
+    assert GROUPS["scale"] == ["recipe", "sample"]
     assert GROUPS["model"] == ["llama-7b", "tiny"]
     assert GROUPS["data"] == ["billa", "billa_repo", "sample"]
     assert {"cpu", "1xa100", "8xa100"} <= set(GROUPS["hardware"])
@@ -41,7 +42,7 @@ def test_every_stage_and_hardware_composes_with_real_data(compose, stage, hardwa
     optimizer = instantiate(cfg.optimizer)
     assert optimizer.func.__name__ == "AdamW" and optimizer.keywords["betas"] == [0.9, 0.95]
     assert instantiate(cfg.scheduler).keywords["min_lr_ratio"] == 0.1
-    strategy = build_strategy(cfg, plan)
+    strategy = build_strategy(cfg.hardware, plan_hardware(cfg, plan))
     if isinstance(cfg.hardware.strategy, str):
         assert strategy == cfg.hardware.strategy
     else:
@@ -122,7 +123,7 @@ def test_wandb_mode_environment_wins_over_config_and_login(monkeypatch, tmp_path
 def test_tiny_model_tokenizer_and_sample_data_instantiate(compose, cache_dir, sample_tokenizer_dir):
     cfg = compose([], cache=cache_dir)
     assert instantiate(cfg.model.tokenizer) == sample_tokenizer_dir
-    counts = instantiate(cfg.data.build)
+    counts = instantiate(cfg.data.build)()  # a partial: the DataModule calls it in prepare_data
     assert counts["wudao/train"] > 400 and counts["translation/train"] > 4000
 
 

@@ -112,11 +112,10 @@ def test_validation_metrics_are_token_weighted_known_answers(runs, cache_dir, sa
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from billa.config import validate
-    from billa.train import build_datamodule
+    from billa.train import stage_datamodule
 
     cfg = compose_train(SHORT_RUN, output_dir=runs["A"], cache=cache_dir)
-    datamodule = build_datamodule(cfg, validate(cfg), sample_tokenizer_dir)
+    datamodule = stage_datamodule(cfg, sample_tokenizer_dir)
     datamodule.setup("fit")
     model = AutoModelForCausalLM.from_pretrained(runs["A"] / "hf", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(runs["A"] / "hf")

@@ -8,9 +8,9 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from billa.callbacks import flops_per_token
-from billa.config import ConfigError, plan_batch
+from billa.config import ConfigError, plan_hardware
 from billa.distributed.memory import GIB, plan_memory
-from billa.train import check_memory, clips_in_module, optimizer_config
+from billa.train import check_memory
 
 from .conftest import CONF
 
@@ -62,25 +62,25 @@ def test_stages_and_offload():
 def test_7b_on_one_a100_stops_with_a_clear_message(compose):
     cfg = compose(["model=llama-7b", "hardware=1xa100", "data=billa"])
     with pytest.raises(ConfigError, match=r"needs ~1\d\d\.\d GiB per device but hardware.gpu_memory_gb=80.*8xa100"):
-        check_memory(cfg, plan_batch(cfg), 46_943)
+        check_memory(cfg, plan_hardware(cfg), 46_943, cfg.data.max_seq_length)
     cfg = compose(["model=llama-7b", "hardware=8xa100", "data=billa"])
-    check_memory(cfg, plan_batch(cfg), 46_943)  # fits
+    check_memory(cfg, plan_hardware(cfg), 46_943, cfg.data.max_seq_length)  # fits
 
 
 def test_memory_check_false_lets_a_plan_that_does_not_fit_start(compose, caplog):
     """README: ``memory_check=false`` overrides the stop; the plan is still computed and logged."""
     cfg = compose(["model=llama-7b", "hardware=1xa100", "data=billa", "memory_check=false"])
     with caplog.at_level("INFO", logger="billa"):
-        check_memory(cfg, plan_batch(cfg), 46_943)  # no ConfigError
+        check_memory(cfg, plan_hardware(cfg), 46_943, cfg.data.max_seq_length)  # no ConfigError
     assert "Memory plan: 6,860,828,672 parameters, no ZeRO over 1 ranks" in caplog.text
 
 
 def test_offload_hardware_uses_deepspeed_cpu_adam(compose):
-    node = optimizer_config(compose(["hardware=8xa100-offload", "data=billa"]))
+    node = plan_hardware(compose(["hardware=8xa100-offload", "data=billa"])).optimizer
     assert node["_target_"] == "deepspeed.ops.adam.DeepSpeedCPUAdam" and node["adamw_mode"] is True
     assert node["betas"] == [0.9, 0.95] and "fused" not in node
-    assert "fused" not in optimizer_config(compose(["hardware=cpu", "hardware.precision=16-mixed"]))  # loss scaling
-    assert optimizer_config(compose(["hardware=cpu"]))["fused"] is True
+    assert "fused" not in plan_hardware(compose(["hardware=cpu", "hardware.precision=16-mixed"])).optimizer  # scaling
+    assert plan_hardware(compose(["hardware=cpu"])).optimizer["fused"] is True
 
 
 def test_flops_per_token():
@@ -113,9 +113,9 @@ def test_bf16_mixed_keeps_fused_adamw_and_billa_clips(compose, tmp_path):
     from billa.model.module import BillaLM
 
     cfg = compose(["hardware=cpu", "hardware.precision=bf16-mixed", "optimizer.lr=1e-3"])
-    node = optimizer_config(cfg)
-    assert node["fused"] is True and clips_in_module(cfg)
-    assert not clips_in_module(compose(["hardware=cpu"]))  # fp32: Lightning clips as before
+    node = plan_hardware(cfg).optimizer
+    assert node["fused"] is True and plan_hardware(cfg).clips_in_module
+    assert not plan_hardware(compose(["hardware=cpu"])).clips_in_module  # fp32: Lightning clips as before
     arch = dict(cfg.model.architecture)
     module = BillaLM(
         model={"architecture": arch, "pretrained_path": None},

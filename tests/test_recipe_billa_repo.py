@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from billa.config import ConfigError, validate
+from billa.config import ConfigError
 from billa.data.datamodule import DEFAULT_PROMPTS_DIR
 from billa.data.sample_billa_repo import build_billa_repo_sample
-from billa.train import build_datamodule, run
+from billa.train import run, stage_datamodule
 
 from .conftest import compose_train
 
@@ -57,14 +57,14 @@ def test_layout_and_stage_slices_follow_billas_file_start(billa_repo, cache_dir,
     for stage, slice_name in (("pretrain", "stage1"), ("task_mix", "stage2")):
         cfg = _cfg(stage, billa_repo, Path("/nonexistent"), cache_dir)
         assert cfg.data.slice == slice_name
-        datamodule = build_datamodule(cfg, validate(cfg), instantiate(cfg.model.tokenizer))
+        datamodule = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
         files[stage] = {name: [Path(f).name for f in datamodule.files(name, "train")] for name in ("zh", "en")}
         assert set(datamodule.prompts) >= {"translation.en2zh", "translation.zh2en", "ape210k.pre", "squad2.post"}
     assert files["pretrain"]["zh"] == [f"{n}.jsonl" for n in range(10001, 10017)]
     assert files["task_mix"]["zh"] == ["10017.jsonl", "10018.jsonl"]
     assert files["task_mix"]["en"] == ["10041.jsonl", "10042.jsonl"]
     cfg = _cfg("task_mix", billa_repo, Path("/nonexistent"), cache_dir, ["data.sources.zh.slices.stage2=20000.jsonl:"])
-    datamodule = build_datamodule(cfg, validate(cfg), instantiate(cfg.model.tokenizer))
+    datamodule = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
     with pytest.raises(ConfigError, match=r"data.sources.zh.slices.stage2='20000.jsonl:' selects no file"):
         datamodule.files("zh", "train")
 

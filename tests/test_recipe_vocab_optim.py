@@ -124,14 +124,14 @@ def test_warmup_first_step_is_not_lr_zero():
 def _tiny_module(compose, overrides):
     from omegaconf import OmegaConf
 
+    from billa.config import plan_hardware
     from billa.model.module import BillaLM
-    from billa.train import optimizer_config
 
     cfg = compose(["logger=none", "trainer.max_steps=10", "scheduler.warmup_steps=2", *overrides])
     module = BillaLM(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         vocab_size=300,
-        optimizer=optimizer_config(cfg),
+        optimizer=plan_hardware(cfg).optimizer,
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         total_steps=10,
     )

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from billa.config import validate
 from billa.data.objectives import IGNORE, ObjectiveContext, dialogue, record_rng
 from billa.data.readers import DataFormatError, read_records
-from billa.train import build_datamodule
+from billa.train import stage_datamodule
 
 from .conftest import compose_train
 
@@ -160,8 +159,7 @@ def test_task_record_becomes_a_dialogue_with_its_prompt(sp, ctx):
 def _lm_files_and_texts(cfg) -> dict[str, tuple[list[str], set[str]]]:
     from hydra.utils import instantiate
 
-    plan = validate(cfg)
-    datamodule = build_datamodule(cfg, plan, instantiate(cfg.model.tokenizer))
+    datamodule = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
     datamodule.build()
     out = {}
     for name in ("zh", "en", "translate"):
@@ -189,7 +187,7 @@ def test_stage_2_trains_on_its_slice(cache_dir, sample_tokenizer_dir):
     from hydra.utils import instantiate
 
     cfg = compose_train(["stage=task_mix", "trainer.max_steps=2", "scheduler.warmup_steps=1"], cache=cache_dir)
-    datamodule = build_datamodule(cfg, validate(cfg), instantiate(cfg.model.tokenizer))
+    datamodule = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
     datamodule.prepare_data()
     datamodule.setup("fit")
     files = datamodule.files("zh", "train")
@@ -205,7 +203,7 @@ def test_a_slice_past_the_last_file_names_the_key(cache_dir, sample_tokenizer_di
     from billa.config import ConfigError
 
     cfg = compose_train(["stage=task_mix", "data.sources.zh.slices.stage2=40:"], cache=cache_dir)
-    datamodule = build_datamodule(cfg, validate(cfg), instantiate(cfg.model.tokenizer))
+    datamodule = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
     datamodule.build()
     with pytest.raises(ConfigError, match=r"data.sources.zh.slices.stage2='40:' selects no file.*has 10 files"):
         datamodule.files("zh", "train")

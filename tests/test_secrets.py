@@ -63,7 +63,7 @@ def test_module_hyperparameters_and_checkpoints_are_redacted(compose, tmp_path, 
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
-    from billa.config import plan_batch
+    from billa.config import plan_hardware
     from billa.data.collate import PadCollator
     from billa.model.module import BillaLM
     from billa.train import build_trainer
@@ -72,7 +72,8 @@ def test_module_hyperparameters_and_checkpoints_are_redacted(compose, tmp_path, 
     overrides = ["logger=csv", "trainer.max_steps=1", "checkpoint.every_n_steps=1", "validate_at_start=false"]
     overrides += ["+model.hf_token=hf_valuesecret123", "+judge.endpoint_option=${oc.env:BILLA_TEST_API_KEY}"]
     cfg = compose([*overrides, "trainer.enable_progress_bar=false"], output_dir=tmp_path)
-    plan = plan_batch(cfg)
+    hardware = plan_hardware(cfg)
+    plan = hardware.batch
     module = BillaLM(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         vocab_size=64,
@@ -83,7 +84,7 @@ def test_module_hyperparameters_and_checkpoints_are_redacted(compose, tmp_path, 
     )
     items = [{"input_ids": [1, 5, 9, 2], "labels": [1, 5, 9, 2], "source": "en"}] * plan.global_size
     loader = DataLoader(items, batch_size=plan.micro_size, collate_fn=PadCollator(0))
-    trainer = build_trainer(cfg, plan, 64)
+    trainer = build_trainer(cfg, hardware, 64, cfg.data.max_seq_length)
     trainer.fit(module, train_dataloaders=loader)
     logged = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
     assert "hf_valuesecret123" not in logged and "sk-test-0123456789" not in logged

@@ -38,13 +38,13 @@ from billa.utils.secrets import redact
 log = get_logger(__name__)
 
 
-def run_time_values(cfg: DictConfig, hardware: HardwarePlan, tokenizer_dir: str) -> dict:
+def run_time_values(cfg: DictConfig, hardware: HardwarePlan, tokenizer_dir: str | None, vocab_size: int | None) -> dict:
     """What the ``data:`` and ``module:`` partials are completed with: values that exist only at run time or come
     from other groups. Each target takes the ones it has a parameter for (``billa.utils.instantiate.complete``)."""
     batch = hardware.batch
     return {
         "tokenizer_dir": tokenizer_dir,
-        "vocab_size": len(load_tokenizer(tokenizer_dir)),
+        "vocab_size": vocab_size,
         "micro_batch_size": batch.micro_size,
         "global_batch_size": batch.global_size,
         "num_samples": cfg.trainer.max_steps * batch.global_size,  # the training stream's length
@@ -62,7 +62,7 @@ def run_time_values(cfg: DictConfig, hardware: HardwarePlan, tokenizer_dir: str)
 
 def stage_datamodule(cfg: DictConfig, tokenizer_dir: str) -> BillaDataModule:
     """The stage's data module exactly as ``run`` builds it (the mask inspector and tests use it)."""
-    return complete(cfg.data, run_time_values(cfg, plan_hardware(cfg, validate(cfg)), tokenizer_dir))
+    return complete(cfg.data, run_time_values(cfg, plan_hardware(cfg, validate(cfg)), tokenizer_dir, None))
 
 
 def build_strategy(hardware_cfg: DictConfig, hardware: HardwarePlan):
@@ -313,7 +313,7 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
-    runtime = run_time_values(cfg, hardware, tokenizer_dir)
+    runtime = run_time_values(cfg, hardware, tokenizer_dir, len(load_tokenizer(tokenizer_dir)))
     datamodule: BillaDataModule = complete(cfg.data, runtime)
     if cfg.prepare_only:  # tokenise every source into the cache and stop (e.g. on a CPU node before a GPU job)
         datamodule.prepare_data()
