@@ -29,9 +29,9 @@ from billa.data.cache import ObjectiveSettings, tokenize_source  # noqa: E402
 from billa.data.collate import PadCollator  # noqa: E402
 from billa.data.datamodule import DEFAULT_PROMPTS_DIR  # noqa: E402
 from billa.data.mixing import MixedDataset, StreamSampler  # noqa: E402
-from billa.data.sample import build_sample_corpus, sample_texts  # noqa: E402
+from billa.sample.corpus import build_sample_corpus, sample_texts  # noqa: E402
+from billa.sample.tokenizer import sample_tokenizer  # noqa: E402
 from billa.tokenizer.load import load_tokenizer  # noqa: E402
-from billa.tokenizer.sample import sample_tokenizer  # noqa: E402
 
 TARGET_7B = 30_000  # tokens/s that LLaMA-7B on 8xA100 consumes
 

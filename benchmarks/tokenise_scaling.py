@@ -36,7 +36,7 @@ PROMPTS_DIR = Path(__file__).resolve().parents[1] / "conf" / "prompts"
 
 
 def write_corpus(cache: Path, out: Path, files: int, lines: int) -> None:
-    from billa.data.sample import build_sample_corpus, sample_texts
+    from billa.sample.corpus import build_sample_corpus, sample_texts
 
     build_sample_corpus(cache / "corpus")
     zh, en = sample_texts(cache / "corpus")
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = ObjectiveSettings("en", "pile", "conditional_generation", 1024, 0, False)
     if args.corpus is None or args.write_corpus:
-        from billa.tokenizer.sample import sample_tokenizer
+        from billa.sample.tokenizer import sample_tokenizer
 
         cache = Path(os.environ.get("BILLA_CACHE_DIR", Path.home() / ".cache" / "billa")) / "sample"
         tokenizer_dir = sample_tokenizer(cache)

@@ -38,7 +38,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_corpus(cache_dir) -> Path:
-    from billa.data.sample import build_sample_corpus
+    from billa.sample.corpus import build_sample_corpus
 
     root = cache_dir / "sample" / "corpus"
     build_sample_corpus(root)
@@ -47,7 +47,7 @@ def sample_corpus(cache_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_tokenizer_dir(cache_dir, sample_corpus) -> str:
-    from billa.tokenizer.sample import sample_tokenizer
+    from billa.sample.tokenizer import sample_tokenizer
 
     return sample_tokenizer(cache_dir / "sample")
 

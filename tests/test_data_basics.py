@@ -34,7 +34,7 @@ def test_sample_corpus_is_in_the_real_formats(sample_corpus):
     val = sum(1 for _ in read_records(sample_corpus / "translation" / "val.jsonl", "translation", "t"))
     from hsk_sentences_audio import load_sentences
 
-    from billa.data.sample import has_translation
+    from billa.sample.corpus import has_translation
 
     unique = {s["chinese"] for s in load_sentences() if has_translation(s)}
     assert train + val == len(unique) > 4200  # every translated sentence once, none lost

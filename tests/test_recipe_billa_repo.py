@@ -8,7 +8,7 @@ import pytest
 
 from billa.config import ConfigError
 from billa.data.datamodule import DEFAULT_PROMPTS_DIR
-from billa.data.sample_billa_repo import build_billa_repo_sample
+from billa.sample.billa_repo import build_billa_repo_sample
 from billa.train import run, stage_datamodule
 
 from .conftest import compose_train

@@ -16,8 +16,8 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from billa.config import ConfigError, exit_on_config_error
 from billa.model.builders import add_residual_dropout, llama_config
 from billa.model.schedule import cosine_with_warmup
+from billa.sample.tokenizer import sample_base_tokenizer
 from billa.tokenizer.expand import NORMAL, load_base_model_proto, merge_pieces
-from billa.tokenizer.sample import sample_base_tokenizer
 
 from .conftest import ROOT
 

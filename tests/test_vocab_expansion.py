@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from billa.data.sample import sample_texts
+from billa.sample.corpus import sample_texts
+from billa.sample.tokenizer import sample_base_tokenizer
 from billa.tokenizer.expand import load_base_model_proto, merge_pieces, resize_model, tokenization_stats
-from billa.tokenizer.sample import sample_base_tokenizer
 
 from .conftest import ROOT
 

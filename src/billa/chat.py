@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from billa.data.objectives import dialogue_prompt
+from billa.templates import dialogue_prompt
 from billa.utils.logging import get_logger, setup_logging
 
 log = get_logger(__name__)

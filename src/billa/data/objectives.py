@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from billa.templates import dialogue_prompt
+
 IGNORE = -100
 Encode = Callable[[str], list[int]]
 
@@ -200,14 +202,6 @@ def task(record: dict, ctx: ObjectiveContext, rng: random.Random) -> Example | N
     """One draw of the stage-2 task objective (placement and prompt line as ``task_choices``)."""
     _, placement, prompt = _pick(task_choices(record.get("type"), ctx), rng)
     return task_example(record, ctx, placement, prompt)
-
-
-HUMAN, ASSISTANT = "Human: ", "Assistant: "  # the trailing space after "Assistant:" is part of the template
-
-
-def dialogue_prompt(question: str) -> str:
-    """The inference prompt for one question: ``"Human: {q}\\nAssistant: "``."""
-    return HUMAN + question + "\n" + ASSISTANT
 
 
 def dialogue_turns(

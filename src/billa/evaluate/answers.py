@@ -2,7 +2,7 @@
 
 Questions: jsonl ``{"question_id", "text", "category"}``. Answers: jsonl ``{"question_id", "text", "answer_id",
 "model_id", "metadata"}``, one line per question, in question order. The prompt is ``"Human: {q}\\nAssistant: "``
-(``billa.data.objectives.dialogue_prompt``, what stage 3 trains on). Questions are answered in fixed chunks of the
+(``billa.templates.dialogue_prompt``, what stage 3 trains on). Questions are answered in fixed chunks of the
 question list, each sampled with its own seed and appended in one write: a rerun skips finished chunks and gives
 the same file an uninterrupted run gives.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from billa.data.objectives import HUMAN, dialogue_prompt
 from billa.data.readers import DataFormatError, raw_records
 from billa.evaluate.lm import EvalLM
 from billa.evaluate.multiple_choice import resolve_path
 from billa.evaluate.results import Table, TaskResult
+from billa.templates import HUMAN, dialogue_prompt
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from billa.data.objectives import dialogue_prompt
 from billa.data.readers import DataFormatError, expand_paths, raw_records
 from billa.evaluate.lm import EvalLM
 from billa.evaluate.results import Table, TaskResult
+from billa.templates import dialogue_prompt
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)

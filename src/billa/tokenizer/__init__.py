@@ -1,1 +1,1 @@
-"""Tokenizers: SentencePiece training, HF tokenizer directories, (later) vocabulary expansion."""
+"""Tokenizers: SentencePiece training, HF tokenizer directories, vocabulary expansion (from texts, not files)."""

@@ -1,6 +1,7 @@
 """BiLLa's dialogue format as a Hugging Face chat template, and the serving fields of ``tokenizer_config.json``.
 
-The template renders the ids the SFT objective (``billa.data.objectives.dialogue``) trains on::
+The template renders the ids the SFT objective (``dialogue`` in the data objectives) trains on, from the same
+template pieces (``billa.templates``)::
 
     <s>Human: {q1}\nAssistant:  {a1}</s>\nHuman: {q2}\nAssistant: ␣   (␣: the trailing space)
 
@@ -23,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from billa.data.objectives import ASSISTANT, HUMAN
+from billa.templates import ASSISTANT, HUMAN
 
 
 def _literal(text: str) -> str:

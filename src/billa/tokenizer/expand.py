@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,6 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from billa.config import ConfigError
-from billa.data.readers import read_records, record_kind
 from billa.progress import track
 from billa.tokenizer.load import save_tokenizer_dir
 from billa.tokenizer.sentencepiece_train import train_sentencepiece
@@ -94,36 +93,6 @@ def merge_pieces(
         )
     merged.trainer_spec.vocab_size = len(merged.pieces)
     return merged
-
-
-def texts_from_sources(sources: Sequence[dict], field: str = "zh", limit: int | None = None) -> Iterator[str]:
-    """Text of records in any reader format: ``[{"path": glob, "format": "wudao"}, ...]``.
-
-    Text kinds give their text, translation pairs their ``field`` side, task and instruction records their
-    input and output.
-    """
-    count = 0
-    for i, source in enumerate(sources):
-        kind = record_kind(source["format"])
-        what = f"op.chinese_text[{i}]"
-        options = {k: v for k, v in source.items() if k not in ("path", "format")}
-        for record in read_records(source["path"], source["format"], what, **options):
-            fields = record.fields
-            if kind == "text":
-                parts = [fields["text"]]
-            elif kind == "translation":
-                parts = [fields[field]]
-            elif kind == "task":
-                parts = [fields["input"], fields["output"]]
-            else:
-                parts = [fields["instruction"], fields.get("input", ""), fields["output"]]
-            for text in parts:
-                for line in text.splitlines():
-                    if line.strip():
-                        yield line
-                        count += 1
-                        if limit is not None and count >= limit:
-                            return
 
 
 def tokenization_stats(processor: spm.SentencePieceProcessor, texts: Iterable[str]) -> dict:
@@ -310,43 +279,41 @@ def resize_model(
     }
 
 
-def expand_vocab(
-    base_tokenizer: str,
-    chinese_text: Sequence[dict],
-    out_dir: str,
+def expand_vocabulary(
+    base_tokenizer: str | os.PathLike,
+    chinese_texts: Iterable[str],
+    out_dir: str | os.PathLike,
     vocab_size: int = 20000,
     character_coverage: float = 0.9995,
     input_sentence_size: int = 2_000_000,
-    max_lines: int | None = None,
     keep_ascii_pieces: bool = False,
-    report_text: dict[str, Sequence[dict]] | None = None,
-    report_max_lines: int = 2000,
-    base_model: str | None = None,
+    report_texts: dict[str, list[str]] | None = None,
+    added_pieces: int | None = None,
+    base_model: str | os.PathLike | None = None,
     init: str = "subword_mean",
     pad_to_multiple_of: int | None = None,
     seed: int = 0,
-    added_pieces: int | None = None,
-    english_text: Sequence[dict] | None = None,
 ) -> dict:
-    """``convert.py op=expand_vocab``: expanded tokenizer (and, with ``base_model``, the resized model) in ``out_dir``.
+    """The expanded tokenizer (and, with ``base_model``, the resized model) in ``out_dir``, from texts.
+
+    Reading corpora is the caller's job (``convert.py op=expand_vocab`` reads its configured files); this takes the
+    lines themselves, so the tokenizer package never depends on the data readers.
 
     Args:
         base_tokenizer: HF directory with ``tokenizer.model`` or a bare SentencePiece ``.model``.
-        chinese_text: ``[{"path": glob, "format": reader format}, ...]`` to train the Chinese model on.
-        report_text: ``{"zh": [...sources], "en": [...sources]}`` measured before/after (first lines of each).
+        chinese_texts: lines of Chinese text to train the Chinese model on (read lazily, once).
+        out_dir: the tokenizer directory (+ the resized model when ``base_model`` is set).
+        report_texts: ``{"zh": [...lines], "en": [...lines]}`` measured before/after.
         base_model: HF model directory whose embeddings and lm_head are resized; None writes only the tokenizer.
         added_pieces: exactly this many new pieces (the first of the Chinese model's order); None: all it offers.
-        english_text: English sources; only read through ``report_text`` (the config's ``en: ${..english_text}``).
+
+    Returns:
+        The expansion report (``expand_tokenizer``), with ``model`` (``resize_model``'s summary) when resized.
     """
-    report_texts = {
-        name: list(texts_from_sources(sources, field=name, limit=report_max_lines))
-        for name, sources in (report_text or {}).items()
-    }
-    lines = texts_from_sources(chinese_text, limit=max_lines)
     if base_model is None:
         return expand_tokenizer(
             base_tokenizer,
-            lines,
+            chinese_texts,
             out_dir,
             vocab_size,
             character_coverage,
@@ -358,7 +325,7 @@ def expand_vocab(
     with tempfile.TemporaryDirectory() as tok_dir:
         report = expand_tokenizer(
             base_tokenizer,
-            lines,
+            chinese_texts,
             tok_dir,
             vocab_size,
             character_coverage,

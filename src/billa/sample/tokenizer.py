@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from billa.data.sample import sample_texts
+from billa.sample.corpus import sample_texts
 from billa.tokenizer.expand import expand_tokenizer
 from billa.tokenizer.load import save_tokenizer_dir
 from billa.tokenizer.sentencepiece_train import train_sentencepiece

@@ -12,7 +12,7 @@ short documents, written in the real record formats:
 Language-model training data is split into ``SHARDS`` numbered files (document ``i`` goes to shard ``i % SHARDS``),
 like BiLLa's ``<source>/<NNNNN>.jsonl`` layout, so that stage 2 can read files stage 1 never saw
 (``data.sources.<name>.slices``). Stage 2's ten task sets (``tasks/{train,val}/<name>.jsonl``) and stage 3's
-instruction sets (``sft/{train,val}/<name>/``) come from ``billa.data.sample_tasks``. Every 20th document (and
+instruction sets (``sft/{train,val}/<name>/``) come from ``billa.sample.tasks``. Every 20th document (and
 sentence pair) and every 10th task / instruction record goes to the validation split.
 """
 
@@ -131,7 +131,7 @@ def _lm_records(sentences: list[dict]) -> dict[str, dict[str, list]]:
 
 
 def _split(records: list) -> tuple[list, list]:
-    from billa.data.sample_tasks import VAL_EVERY as TASK_VAL_EVERY
+    from billa.sample.tasks import VAL_EVERY as TASK_VAL_EVERY
 
     train = [r for i, r in enumerate(records) if i % TASK_VAL_EVERY != TASK_VAL_EVERY - 1]
     val = [r for i, r in enumerate(records) if i % TASK_VAL_EVERY == TASK_VAL_EVERY - 1]
@@ -145,7 +145,7 @@ def build_sample_corpus(out_dir: str | os.PathLike) -> dict[str, int]:
         Record counts (``{"wudao/train": 517, "tasks/zh-reasoning/train": 180, ...}``), also stored in
         ``manifest.json``, which is written last so an interrupted build is redone on the next call.
     """
-    from billa.data.sample_tasks import stage2_task_sets, stage3_sets
+    from billa.sample.tasks import stage2_task_sets, stage3_sets
 
     out = Path(out_dir)
     manifest = out / _MANIFEST

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from billa.data.readers import read_records
-from billa.data.sample import build_sample_corpus
+from billa.sample.corpus import build_sample_corpus
 
 FIRST_FILE = 10001  # BiLLa numbers its files from 10001
 LM_FILES = {"zh": 18, "en": 42, "translate": 10}  # enough files for stage 2's file_start (10017, 10041, 10009)
