@@ -1,7 +1,7 @@
 """Packed rows on a CUDA GPU: same losses without the T x T mask, a bf16-mixed Lightning fit, and the time saved.
 
 1. Losses: samples one per padded row, packed with the 4D mask, and packed as transformers' flattening convention
-   chooses it on this device (``billa.model.packing``: position ids for SDPA, one flattened row for flash-attention),
+   chooses it on this device (``billa.data.packing``: position ids for SDPA, one flattened row for flash-attention),
    in fp32 on the GPU; flash-attention 2 too where the ``flash_attn`` package is installed.
 2. A 3-step ``Trainer.fit`` of ``BillaLM`` under bf16-mixed with fused AdamW and billa's clipping, on packed batches:
    the batch that reaches ``training_step`` must carry no 4D mask.
@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from billa.data.collate import PackCollator, PadCollator  # noqa: E402
+from billa.data.packing import feed_packed, packed_layout  # noqa: E402
 from billa.model.builders import llama_config  # noqa: E402
 from billa.model.module import BillaLM  # noqa: E402
-from billa.model.packing import feed_packed, packed_layout  # noqa: E402
 
 VOCAB = 46_943
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only to smoke-test the script

@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import LlamaForCausalLM, Trainer  # noqa: E402
 
 from billa.data.collate import PackCollator, PadCollator  # noqa: E402
+from billa.data.packing import MASK, packed_layout  # noqa: E402
 from billa.model.builders import compile_decoder_layers, llama_config  # noqa: E402
 from billa.model.module import BillaLM  # noqa: E402
-from billa.model.packing import MASK, packed_layout  # noqa: E402
 from billa.model.schedule import cosine_with_warmup  # noqa: E402
 
 VOCAB, LR, CLIP = 46_943, 3e-4, 2.0

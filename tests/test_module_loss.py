@@ -161,7 +161,7 @@ def test_chunked_loss_and_gradients_equal_one_piece():
 
 def test_packed_layout_is_chosen_by_device_and_attention_implementation():
     """CPU keeps the 4D mask whatever the kernel; CUDA + SDPA passes position ids; CUDA + flash flattens."""
-    from billa.model.packing import packed_layout
+    from billa.data.packing import packed_layout
 
     assert packed_layout("cpu", "sdpa") == packed_layout("cpu", "flash_attention_2") == "mask"
     assert packed_layout("cuda", "eager") == packed_layout("cuda", None) == "mask"
@@ -177,7 +177,7 @@ def test_packed_rows_without_a_4d_mask_give_the_unpacked_losses():
     position-id layout in which samples attend across their boundary (another loss for every sample but the first).
     """
     from billa.data.collate import PackCollator, PadCollator
-    from billa.model.packing import feed_packed
+    from billa.data.packing import feed_packed
 
     module = _module()
     module.model.eval()

@@ -54,7 +54,7 @@ class PackCollator:
     predict a sample's BOS from the previous sample. Padding tokens attend only to themselves.
 
     ``mask=False`` leaves ``attention_mask`` None: the position ids alone mark the samples (a GPU with SDPA or
-    flash-attention, see ``billa.model.packing``), and no (R, T, T) mask is built on the CPU each step.
+    flash-attention, see ``billa.data.packing``), and no (R, T, T) mask is built on the CPU each step.
     """
 
     def __init__(self, pad_id: int, max_len: int, mask: bool = True):

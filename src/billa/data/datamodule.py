@@ -13,8 +13,8 @@ from billa.data.cache import ObjectiveSettings, tokenize_source
 from billa.data.collate import PackCollator, PadCollator
 from billa.data.mixing import MixedDataset, StreamSampler
 from billa.data.objectives import IGNORE, OBJECTIVES, load_prompts
+from billa.data.packing import MASK, packed_layout
 from billa.data.readers import expand_paths, record_kind
-from billa.model.packing import MASK, packed_layout
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
 
@@ -279,7 +279,7 @@ class BillaDataModule(L.LightningDataModule):
         )
 
     def _pack_mask(self) -> bool:
-        """Whether packed rows need the 4D mask: not on a GPU with SDPA or flash-attention (``model/packing.py``)."""
+        """Whether packed rows need the 4D mask: not on a GPU with SDPA or flash-attention (``data/packing.py``)."""
         trainer = self.trainer
         module = trainer.lightning_module if trainer is not None else None
         model = getattr(module, "model", None)

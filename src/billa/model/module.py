@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from billa.config import ConfigError, check_compile
+from billa.data.packing import feed_packed, packed_layout
 from billa.distributed.memory import partition_report, track_materialised
 from billa.model.builders import add_residual_dropout, build_causal_lm, compile_decoder_layers
 from billa.model.loss import labelled_token_nll
-from billa.model.packing import feed_packed, packed_layout
 
 
 class BillaLM(L.LightningModule):
@@ -109,7 +109,7 @@ class BillaLM(L.LightningModule):
         padding never become (B, T, V) logits. With BiLLa's 46,943-piece vocabulary that saves the logits' memory and
         lm_head FLOPs of every masked token; the rest run in chunks of ``loss_chunk_tokens`` (``lm_head_nll``) so the
         (N, V) logits never exist whole. A batch without targets gives N = 0 with the graph intact. Packed rows on a
-        GPU with SDPA or flash-attention go by their position ids, not a T x T mask (``model/packing.py``).
+        GPU with SDPA or flash-attention go by their position ids, not a T x T mask (``data/packing.py``).
         """
         impl = getattr(self.model.config, "_attn_implementation", None)
         batch = feed_packed(batch, packed_layout(batch["input_ids"].device.type, impl))  # GPU: no T x T mask
