@@ -6,10 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from billa.config import ConfigError, plan_hardware, validate
+from billa.config import ConfigError, complete, plan_hardware, validate
 from billa.model.module import BillaLM
 from billa.train import run_time_values
-from billa.utils.instantiate import complete
 
 VOCAB = 97
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from billa.distributed.memory import zero_settings
 from billa.utils.logging import get_logger
@@ -276,3 +277,42 @@ def _check_exact_mix_per_rank(cfg: DictConfig, plan: BatchPlan, mode: str) -> No
             f"devices), or data.exact_mix_per_rank=false (then each global batch that is a multiple of {cycle} holds "
             "the exact mix, and a micro batch holds a contiguous part of it)"
         )
+
+
+# ---- objects from config: a `_target_` partial completed with run-time values by parameter name ----------------
+
+
+def accepted(fn: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that ``fn`` takes as parameters (all of them when it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(values)
+    return {name: value for name, value in values.items() if name in params}
+
+
+def complete(node: Any, runtime: Mapping[str, Any], key: str = "", **config: Any) -> Any:
+    """Instantiate the partial ``node`` (``_target_`` + ``_partial_: true``) and call it with run-time values.
+
+    Args:
+        node: a config node whose keys are parameters of its ``_target_``.
+        runtime: values that exist only at run time (tokenizer, batch plan, sample counts); each is passed when the
+            target has a parameter of that name, so a new option is one YAML key and one parameter, nothing between.
+        key: the node's config key (``data``, ``module``), named in errors.
+        **config: values that replace the node's own keys (e.g. a different ``mix`` for evaluation).
+
+    Raises:
+        ConfigError: a key of the node that its target has no parameter for (a typo, or an option of another version).
+    """
+    from hydra.utils import instantiate
+
+    fn = instantiate(node, _convert_="all", **config)
+    params = inspect.signature(fn.func).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(fn.keywords) - set(params))
+        if unknown:
+            target = f"{fn.func.__module__}.{fn.func.__qualname__}"
+            options = ", ".join(name for name in params if name != "self")
+            raise ConfigError(
+                f"`{key or 'node'}.{unknown[0]}` is not an option of {target}; its options are: {options}"
+            )
+    return fn(**accepted(fn, runtime))

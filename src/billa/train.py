@@ -20,7 +20,7 @@ from billa.callbacks import (
     Throughput,
     flops_per_token,
 )
-from billa.config import ConfigError, HardwarePlan, plan_hardware, validate
+from billa.config import ConfigError, HardwarePlan, complete, plan_hardware, validate
 from billa.data.datamodule import BillaDataModule
 from billa.distributed.checkpoints import resolve_ckpt_path
 from billa.distributed.memory import plan_memory
@@ -31,7 +31,6 @@ from billa.model.module import BillaLM
 from billa.model_card import ModelCard, hub_datasets, hydra_choice, hydra_command, realised_mix
 from billa.progress import progress_callbacks
 from billa.tokenizer.load import load_tokenizer
-from billa.utils.instantiate import complete
 from billa.utils.logging import get_logger, setup_logging
 from billa.utils.secrets import redact
 
@@ -40,7 +39,7 @@ log = get_logger(__name__)
 
 def run_time_values(cfg: DictConfig, hardware: HardwarePlan, tokenizer_dir: str | None, vocab_size: int | None) -> dict:
     """What the ``data:`` and ``module:`` partials are completed with: values that exist only at run time or come
-    from other groups. Each target takes the ones it has a parameter for (``billa.utils.instantiate.complete``)."""
+    from other groups. Each target takes the ones it has a parameter for (``billa.config.complete``)."""
     batch = hardware.batch
     return {
         "tokenizer_dir": tokenizer_dir,
@@ -62,7 +61,9 @@ def run_time_values(cfg: DictConfig, hardware: HardwarePlan, tokenizer_dir: str 
 
 def stage_datamodule(cfg: DictConfig, tokenizer_dir: str) -> BillaDataModule:
     """The stage's data module exactly as ``run`` builds it (the mask inspector and tests use it)."""
-    return complete(cfg.data, run_time_values(cfg, plan_hardware(cfg, validate(cfg)), tokenizer_dir, None))
+    return complete(
+        cfg.data, key="data", runtime=run_time_values(cfg, plan_hardware(cfg, validate(cfg)), tokenizer_dir, None)
+    )
 
 
 def build_strategy(hardware_cfg: DictConfig, hardware: HardwarePlan):
@@ -314,13 +315,13 @@ def run(cfg: DictConfig) -> dict:
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
     runtime = run_time_values(cfg, hardware, tokenizer_dir, len(load_tokenizer(tokenizer_dir)))
-    datamodule: BillaDataModule = complete(cfg.data, runtime)
+    datamodule: BillaDataModule = complete(cfg.data, runtime, key="data")
     if cfg.prepare_only:  # tokenise every source into the cache and stop (e.g. on a CPU node before a GPU job)
         datamodule.prepare_data()
         report_data(datamodule.stats)
         return {"data": datamodule.stats, "token_cache_dir": datamodule.token_cache_dir}
     check_memory(cfg, hardware, runtime["vocab_size"], datamodule.max_seq_length)
-    module: BillaLM = complete(cfg.module, runtime)
+    module: BillaLM = complete(cfg.module, runtime, key="module")
     trainer = build_trainer(cfg, hardware, runtime["vocab_size"], datamodule.max_seq_length)
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)

@@ -14,13 +14,13 @@ from collections.abc import Mapping
 
 import torch
 
+from billa.config import complete
 from billa.data.collate import PadCollator
 from billa.data.readers import record_kind
 from billa.evaluate.lm import EvalLM
 from billa.evaluate.results import Table, TaskResult
 from billa.model.loss import labelled_token_nll
 from billa.utils.compose import compose
-from billa.utils.instantiate import complete
 
 EVAL_OBJECTIVES = {  # the objective each record kind trains with in its own stage
     "text": "conditional_generation",
@@ -35,7 +35,9 @@ def validation_examples(lm: EvalLM, overrides: list[str], objectives: Mapping[st
     cfg = compose("train", list(overrides))
     with_val = [name for name, spec in cfg.data.sources.items() if spec.get("val")]
     runtime = {"tokenizer_dir": lm.path, "micro_batch_size": lm.batch_size, "num_samples": 1, "seed": cfg.seed}
-    datamodule = complete(cfg.data, runtime, mix={name: 1 for name in with_val}, objectives=dict(objectives))
+    datamodule = complete(
+        cfg.data, runtime, key="data", mix={name: 1 for name in with_val}, objectives=dict(objectives)
+    )
     if datamodule.build is not None:
         datamodule.build()
     return datamodule, datamodule.setup_validation()
