@@ -307,6 +307,6 @@ def variants(name: str, record: dict, ctx: ObjectiveContext) -> Variants | None:
             return _variants([(1.0, _dialogue_example(dialogue_turns(record, ctx), ctx))])
         choices = task_choices(record.get("type"), ctx)
         return _variants([(c[0], _dialogue_example(dialogue_turns(record, ctx, choice=c), ctx)) for c in choices])
-    if name == "causal_lm":
-        return _variants([(1.0, causal_lm(record, ctx, random.Random(0)))])
+    if name in OBJECTIVES:  # causal_lm and any objective without random choices: its one example
+        return _variants([(1.0, OBJECTIVES[name](record, ctx, random.Random(0)))])
     raise KeyError(f"unknown objective {name!r}; known objectives: {sorted(OBJECTIVES)}")
