@@ -199,7 +199,7 @@ def _check_model_dir(value: str | None, key: str, local_only: bool) -> None:
 def validate(cfg: DictConfig) -> BatchPlan:
     """Check the composed training config before anything heavy starts; returns the batch plan."""
     plan = plan_batch(cfg)
-    on_error = cfg.data.get("on_error", "raise")
+    on_error = cfg.data.on_error
     if on_error not in ON_ERROR:
         raise ConfigError(
             f"`data.on_error`={on_error!r}: expected raise (stop at the first bad record, naming file and line) "
@@ -219,7 +219,7 @@ def validate(cfg: DictConfig) -> BatchPlan:
     if not mix:
         raise ConfigError("`data.mix` is empty: the stage must name at least one source with a weight")
     sources = cfg.data.get("sources") or {}
-    mode = cfg.data.get("mix_mode", "round_robin")
+    mode = cfg.data.mix_mode
     if mode not in ("round_robin", "probability"):
         raise ConfigError(f"`data.mix_mode`={mode!r}: expected round_robin (BiLLa) or probability")
     for name, weight in mix.items():
@@ -235,7 +235,7 @@ def validate(cfg: DictConfig) -> BatchPlan:
             )
     _check_exact_mix_per_rank(cfg, plan, mode)
     strategy = cfg.hardware.get("strategy")
-    check_compile(cfg.get("compile", False), deepspeed=not isinstance(strategy, str) and "config" in strategy)
+    check_compile(cfg.compile, deepspeed=not isinstance(strategy, str) and "config" in strategy)
     warmup = cfg.scheduler.get("warmup_steps", 0)
     if warmup >= cfg.trainer.max_steps:
         raise ConfigError(
@@ -264,7 +264,7 @@ def _check_exact_mix_per_rank(cfg: DictConfig, plan: BatchPlan, mode: str) -> No
     """``data.exact_mix_per_rank``: every micro batch on every rank holds the exact mix (BiLLa: 20 per GPU = one
     20-sample stage-2 cycle, no accumulation). The stream is cut into contiguous micro batches, so this holds exactly
     when the micro batch is a multiple of the round-robin cycle (the sum of the ``data.mix`` weights)."""
-    if not cfg.data.get("exact_mix_per_rank"):
+    if not cfg.data.exact_mix_per_rank:
         return
     if mode != "round_robin":
         raise ConfigError(f"`data.exact_mix_per_rank`=true needs `data.mix_mode`=round_robin, got {mode!r}")
