@@ -51,14 +51,14 @@ def billa_optimizer(bf16: bool) -> dict:
     """The optimizer node billa's train.py builds for this precision (fused AdamW, kept under bf16-mixed)."""
     from hydra import compose, initialize_config_dir
 
-    from billa.train import optimizer_config
+    from billa.config import plan_hardware
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(
             "train", overrides=[f"hardware.precision={'bf16-mixed' if bf16 else '32-true'}", f"optimizer.lr={LR}"]
         )
-    return optimizer_config(cfg)
+    return plan_hardware(cfg).optimizer
 
 
 def make_items(n: int, seq: int) -> list[dict]:
