@@ -19,6 +19,8 @@ from billa.data.mixing import MixedDataset, StreamSampler
 from billa.data.objectives import Example
 from billa.data.readers import DataFormatError, ReadStats, read_records
 
+from .helpers import tiny_llama
+
 PILE = [{"text": f"document number {i}", "meta": {"pile_set_name": "Pile-CC" if i % 3 else "Github"}} for i in range(9)]
 
 
@@ -250,21 +252,9 @@ def test_every_micro_batch_knows_the_label_tokens_of_its_whole_step(datamodule_f
 
 
 def test_packing_matches_separate_samples():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from billa.data.collate import PackCollator, PadCollator
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
-    ).eval()
+    model = tiny_llama(100, seed=0).eval()
     g = torch.Generator().manual_seed(1)
     items = []
     for n in (5, 9, 3, 12, 7):
