@@ -29,6 +29,15 @@ def _jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def _jsonl_parts(tmp_path: Path, files: int, lines: int, text: str) -> Path:
+    """``tmp_path/data/part-{i}.jsonl`` for i < ``files``, each of ``lines`` records ``text.format(i=i, j=j)``."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(files):
+        _jsonl(data / f"part-{i}.jsonl", [{"text": text.format(i=i, j=j)} for j in range(lines)])
+    return data
+
+
 def test_every_file_format_reads_the_same_records(tmp_path):
     texts = [r["text"] for r in PILE]
     _jsonl(tmp_path / "a.jsonl", PILE)
@@ -84,10 +93,7 @@ def _settings(source="en", max_len=64):
 
 
 def test_tokenise_once_reuses_and_resumes(tmp_path, sample_tokenizer_dir):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(4):
-        _jsonl(data / f"part-{i}.jsonl", [{"text": f"shard {i} line {j} 你好"} for j in range(5)])
+    data = _jsonl_parts(tmp_path, 4, 5, "shard {i} line {j} 你好")
     cache = tmp_path / "cache"
     args = (str(data / "*.jsonl"), _settings(), sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), cache)
     first, stats = tokenize_source(*args, num_proc=2)
@@ -321,10 +327,7 @@ def test_a_killed_tokenisation_pass_resumes_without_redoing_finished_shards(tmp_
     import sys
     import time
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(8):
-        _jsonl(data / f"part-{i}.jsonl", [{"text": f"file {i} line {j}"} for j in range(50)])
+    data = _jsonl_parts(tmp_path, 8, 50, "file {i} line {j}")
     cache = tmp_path / "cache"
     args = [str(data / "*.jsonl"), sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), str(cache)]
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], stderr=subprocess.DEVNULL)
