@@ -23,6 +23,7 @@ warnings.filterwarnings("ignore")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from harness import quiet_trainer  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
@@ -138,19 +139,14 @@ def check_fit() -> None:
     )
     seen = _SeenMask()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(
+        trainer = quiet_trainer(
             accelerator="gpu" if DEVICE == "cuda" else "cpu",
             devices=1,
             precision="bf16-mixed",
             max_steps=3,
             gradient_clip_val=None,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             callbacks=[seen],
             default_root_dir=tmp,
-            limit_val_batches=0,
         )
         trainer.fit(
             module, DataLoader(samples(24, 512), batch_size=8, collate_fn=PackCollator(0, 512, mask=DEVICE == "cpu"))

@@ -51,6 +51,21 @@ class HFClock(TrainerCallback):
         self.end = _now()
 
 
+QUIET = {  # nothing but the steps: no logger, checkpoints, progress bar, model summary or validation
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
+
+
+def quiet_trainer(**overrides) -> L.Trainer:
+    """An ``L.Trainer`` with ``QUIET`` settings updated by ``overrides`` (the tests' quiet trainer too)."""
+    return L.Trainer(**{**QUIET, **overrides})
+
+
 def fit_lightning(
     module,
     loader,
@@ -63,20 +78,14 @@ def fit_lightning(
     clip: float | None,
 ) -> None:
     """``Trainer.fit`` for ``steps`` optimizer steps with nothing but ``clock`` around the steps."""
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=accelerator,
         devices=1,
         precision=precision,
         max_steps=steps,
         gradient_clip_val=clip,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[clock],
         default_root_dir=root,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
     trainer.fit(module, loader)
 

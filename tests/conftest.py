@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,10 @@ from hydra import initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from .helpers import ROOT, run_door  # noqa: E402
+
 pytest_plugins = ["tests.openai_server"]  # the openai_server fixture: a local OpenAI-compatible HTTP server
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
@@ -96,15 +96,8 @@ ZERO3 = ["hardware=cpu_zero3"]  # 2 processes over gloo, the real DeepSpeed ZeRO
 
 def train_cli(run_dir: Path, cache_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     """``python train.py <SHORT_RUN> <overrides>`` in a subprocess, as a user runs it (needed for several ranks)."""
-    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, "train.py", *SHORT_RUN, f"hydra.run.dir={run_dir}", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    env = {"BILLA_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    result = run_door("train.py", *SHORT_RUN, f"hydra.run.dir={run_dir}", *overrides, env=env, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

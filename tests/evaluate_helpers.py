@@ -6,30 +6,24 @@ from pathlib import Path
 
 import torch
 
+from .helpers import tiny_llama
+
 TINY_EVAL_ARCH = dict(  # smaller than model=tiny: the evaluation tests only need a real LLaMA forward pass
     hidden_size=64,
     intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
     max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-    initializer_range=0.02,
 )
 
 
 def make_export(tokenizer_dir: str, out_dir: Path, seed: int = 0) -> Path:
     """A random-init LlamaForCausalLM with the sample tokenizer, saved as train.py exports it."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from billa.export import save_hf_model
-    from billa.model.builders import llama_config
 
     torch.manual_seed(seed)
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    model = LlamaForCausalLM(llama_config(TINY_EVAL_ARCH, vocab))
+    model = tiny_llama(vocab, **TINY_EVAL_ARCH)
     with torch.no_grad():  # larger weights than the 0.02 init: scores and generations differ between options
         for param in model.parameters():
             if param.dim() == 2:

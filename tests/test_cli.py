@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
-from .conftest import ROOT
+from .helpers import run_door
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return run_door("train.py", *args, timeout=120)
 
 
 def test_help_lists_the_config_groups():
@@ -39,27 +38,18 @@ def test_wrong_choice_lists_the_valid_options():
 
 def test_multirun_sweep_writes_one_run_per_point(tmp_path, cache_dir, sample_tokenizer_dir):
     import json
-    import os
 
-    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir)}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "logger=csv",
-            "trainer.max_steps=4,6",
-            "val_every_n_steps=2",
-            "scheduler.warmup_steps=1",
-            "trainer.enable_progress_bar=false",
-            "data.val_max_records=8",
-            f"hydra.sweep.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_door(
+        "train.py",
+        "-m",
+        "logger=csv",
+        "trainer.max_steps=4,6",
+        "val_every_n_steps=2",
+        "scheduler.warmup_steps=1",
+        "trainer.enable_progress_bar=false",
+        "data.val_max_records=8",
+        f"hydra.sweep.dir={tmp_path}",
+        env={"BILLA_CACHE_DIR": str(cache_dir)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for point, steps in (("0", 4), ("1", 6)):

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from billa.config import ConfigError, complete, plan_hardware, validate
 from billa.model.module import BillaLM
 from billa.train import run_time_values
 
+from .helpers import tiny_module
+
 VOCAB = 97
 
 
 def _module(architecture, **kwargs) -> BillaLM:
-    torch.manual_seed(0)
-    module = BillaLM(
-        model={"architecture": OmegaConf.to_container(architecture), "pretrained_path": None},
-        vocab_size=VOCAB,
-        optimizer={},
-        scheduler={},
-        total_steps=1,
-        **kwargs,
-    )
-    module.configure_model()
-    return module
+    return tiny_module(architecture, VOCAB, seed=0, **kwargs)
 
 
 def test_compile_key_reaches_the_module(compose):

@@ -19,12 +19,23 @@ from billa.data.mixing import MixedDataset, StreamSampler
 from billa.data.objectives import Example
 from billa.data.readers import DataFormatError, ReadStats, read_records
 
+from .helpers import tiny_llama
+
 PILE = [{"text": f"document number {i}", "meta": {"pile_set_name": "Pile-CC" if i % 3 else "Github"}} for i in range(9)]
 
 
 def _jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def _jsonl_parts(tmp_path: Path, files: int, lines: int, text: str) -> Path:
+    """``tmp_path/data/part-{i}.jsonl`` for i < ``files``, each of ``lines`` records ``text.format(i=i, j=j)``."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(files):
+        _jsonl(data / f"part-{i}.jsonl", [{"text": text.format(i=i, j=j)} for j in range(lines)])
+    return data
 
 
 def test_every_file_format_reads_the_same_records(tmp_path):
@@ -82,10 +93,7 @@ def _settings(source="en", max_len=64):
 
 
 def test_tokenise_once_reuses_and_resumes(tmp_path, sample_tokenizer_dir):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(4):
-        _jsonl(data / f"part-{i}.jsonl", [{"text": f"shard {i} line {j} 你好"} for j in range(5)])
+    data = _jsonl_parts(tmp_path, 4, 5, "shard {i} line {j} 你好")
     cache = tmp_path / "cache"
     args = (str(data / "*.jsonl"), _settings(), sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), cache)
     first, stats = tokenize_source(*args, num_proc=2)
@@ -250,21 +258,9 @@ def test_every_micro_batch_knows_the_label_tokens_of_its_whole_step(datamodule_f
 
 
 def test_packing_matches_separate_samples():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from billa.data.collate import PackCollator, PadCollator
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
-    ).eval()
+    model = tiny_llama(100, seed=0).eval()
     g = torch.Generator().manual_seed(1)
     items = []
     for n in (5, 9, 3, 12, 7):
@@ -331,10 +327,7 @@ def test_a_killed_tokenisation_pass_resumes_without_redoing_finished_shards(tmp_
     import sys
     import time
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(8):
-        _jsonl(data / f"part-{i}.jsonl", [{"text": f"file {i} line {j}"} for j in range(50)])
+    data = _jsonl_parts(tmp_path, 8, 50, "file {i} line {j}")
     cache = tmp_path / "cache"
     args = [str(data / "*.jsonl"), sample_tokenizer_dir, str(DEFAULT_PROMPTS_DIR), str(cache)]
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], stderr=subprocess.DEVNULL)

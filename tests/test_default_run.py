@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .conftest import ROOT
+from .helpers import run_door
 
 
 @pytest.mark.slow
 def test_python_train_py_with_no_overrides(tmp_path, cache_dir, sample_tokenizer_dir):
-    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", "logger=csv"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    env = {"BILLA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline"}
+    result = run_door("train.py", f"hydra.run.dir={tmp_path}", "logger=csv", env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(next((tmp_path / "csv").rglob("metrics.csv")).open()))
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,6 +15,7 @@ from billa.evaluate import run
 
 from .conftest import CONF, ROOT
 from .evaluate_helpers import make_export
+from .helpers import run_door
 from .openai_server import OpenAIServer
 
 FAST = [  # the default tasks, with 4 generated tokens instead of 64
@@ -149,14 +148,7 @@ def test_answers_then_judge_through_the_config(exports, cache_dir, tmp_path, mon
 
 
 def test_cli_without_an_export_names_model_path(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), "logger=none", "task=ppl"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-    )
+    result = run_door(str(ROOT / "evaluate.py"), "logger=none", "task=ppl", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
     assert result.returncode != 0
     assert "model_path is not set and no export matches 'outputs/*/*/hf'" in result.stderr
 
@@ -168,11 +160,9 @@ def test_python_evaluate_py_with_no_overrides(exports, cache_dir, tmp_path):
     target = tmp_path / "outputs" / "pretrain" / "2026-02-02_00-00-00"
     target.mkdir(parents=True)
     os.symlink(first, target / "hf")
-    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline"}
+    env = {"BILLA_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline"}
     start = time.time()
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = run_door(str(ROOT / "evaluate.py"), cwd=tmp_path, env=env, timeout=600)
     elapsed = time.time() - start
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| zh | conditional_generation |" in result.stdout and "| d | loglik | acc_norm |" in result.stdout

@@ -13,6 +13,7 @@ from billa.distributed.memory import GIB, plan_memory
 from billa.train import check_memory
 
 from .conftest import CONF
+from .helpers import quiet_trainer, tiny_module
 
 LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32}
 N_7B = 6_860_828_672  # LLaMA-7B with BiLLa's 46,943-piece vocabulary (tests/test_configs.py)
@@ -105,40 +106,29 @@ def test_bf16_mixed_keeps_fused_adamw_and_billa_clips(compose, tmp_path):
     Catches dropping ``fused`` again under bf16 (the step benchmark's bf16 slowdown), handing the clip back to
     Lightning (which raises for a fused optimizer) and a module clip that is not applied.
     """
-    import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
     from billa.data.collate import PadCollator
-    from billa.model.module import BillaLM
 
     cfg = compose(["hardware=cpu", "hardware.precision=bf16-mixed", "optimizer.lr=1e-3"])
     node = plan_hardware(cfg).optimizer
     assert node["fused"] is True and plan_hardware(cfg).clips_in_module
     assert not plan_hardware(compose(["hardware=cpu"])).clips_in_module  # fp32: Lightning clips as before
-    arch = dict(cfg.model.architecture)
-    module = BillaLM(
-        model={"architecture": arch, "pretrained_path": None},
-        vocab_size=64,
+    scheduler = {"_target_": "billa.model.schedule.cosine_with_warmup", "_partial_": True, "warmup_steps": 1}
+    module = tiny_module(
+        cfg.model.architecture,
+        64,
         optimizer=node,
-        scheduler={"_target_": "billa.model.schedule.cosine_with_warmup", "_partial_": True, "warmup_steps": 1},
-        total_steps=1,
+        scheduler=scheduler,
+        configure=False,
         validate_at_start=False,
         clip_grad_norm=1e-3,
     )
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0)).tolist()
     items = [{"input_ids": row, "labels": row} for row in ids]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_steps=1,
-        gradient_clip_val=None,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
+    trainer = quiet_trainer(
+        accelerator="cpu", precision="bf16-mixed", max_steps=1, gradient_clip_val=None, default_root_dir=tmp_path
     )
     trainer.fit(module, DataLoader(items, batch_size=2, collate_fn=PadCollator(0)))
     assert trainer.optimizers[0].defaults["fused"] is True

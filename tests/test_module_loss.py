@@ -6,24 +6,13 @@ import torch
 
 from billa.model.module import BillaLM
 
-ARCH = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": False,
-}
+from .helpers import TINY_ARCH, tiny_module
+
+ARCH = {**TINY_ARCH, "max_position_embeddings": 64}
 
 
 def _module() -> BillaLM:
-    torch.manual_seed(0)
-    module = BillaLM(
-        model={"architecture": ARCH, "pretrained_path": None}, vocab_size=97, optimizer={}, scheduler={}, total_steps=1
-    )
-    module.configure_model()
-    return module
+    return tiny_module(ARCH, 97, seed=0)
 
 
 def test_loss_and_gradients_equal_hf_loss_with_masked_labels():

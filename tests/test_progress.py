@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import re
-import subprocess
 import sys
 
 import lightning as L
@@ -16,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from billa.progress import TextProgress, format_duration, progress_callbacks, track
 
-from .conftest import ROOT
+from .helpers import quiet_trainer, run_door
 
 STEP_LINE = re.compile(
     r"step (\d+)/(\d+) \((\d+\.\d)%\) \| loss (\d+\.\d+) \| lr (\S+) \| ([\d,]+) tok/s \| "
@@ -55,13 +53,10 @@ class _KnownLoss(L.LightningModule):
 
 
 def _fit(tmp_path, callbacks, enable_progress_bar: bool, max_steps: int = 5, accumulate: int = 2) -> L.Trainer:
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
         enable_progress_bar=enable_progress_bar,
         callbacks=callbacks,
         default_root_dir=tmp_path,
@@ -137,29 +132,21 @@ def test_redirected_run_logs_steps_validations_and_tokenisation(tmp_path, cache_
     results missing from the log, the tokenisation pass without progress, and "Epoch 0/-2"; and a model card that
     misses the stage, the mix or the command, or leaks a secret from the command line.
     """
-    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir)}
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "logger=csv",
-            "trainer.max_steps=6",
-            "val_every_n_steps=3",
-            "trainer.log_every_n_steps=2",
-            "scheduler.warmup_steps=1",
-            "data.val_max_records=8",
-            "export.verify=false",
-            f"data.token_cache_dir={tmp_path / 'tokens'}",  # a fresh cache: the tokenisation pass runs
-            f"hydra.run.dir={run_dir}",
-            "+openai_api_key=sk-not-for-the-card",  # a secret given on the command line
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
+    result = run_door(
+        "train.py",
+        "logger=csv",
+        "trainer.max_steps=6",
+        "val_every_n_steps=3",
+        "trainer.log_every_n_steps=2",
+        "scheduler.warmup_steps=1",
+        "data.val_max_records=8",
+        "export.verify=false",
+        f"data.token_cache_dir={tmp_path / 'tokens'}",  # a fresh cache: the tokenisation pass runs
+        f"hydra.run.dir={run_dir}",
+        "+openai_api_key=sk-not-for-the-card",  # a secret given on the command line
+        env={"BILLA_CACHE_DIR": str(cache_dir)},
+        merge_output=True,
     )
     log = result.stdout
     assert result.returncode == 0, log[-3000:]

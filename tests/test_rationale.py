@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from billa.rationale import RationaleError, run
 from billa.rationale.prompts import DEFAULT_PROMPT_DIR, LANGS, load_template
 
 from .conftest import CONF, ROOT
+from .helpers import start_door
 from .openai_server import OpenAIServer, Reply
 
 KEY = "sk-billa-test-9f8e7d6c5b4a"
@@ -307,12 +306,7 @@ def test_stopped_run_resumes_without_duplicates_or_repaid_answers(openai_server,
 
 
 def _run_cli(server: OpenAIServer, tasks: Path, out: Path, run_dir: Path, key: str | None = KEY) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    env.pop(KEY_ENV, None)
-    if key is not None:
-        env[KEY_ENV] = key
-    args = [
-        sys.executable,
+    return start_door(
         "rationale.py",
         f"input={tasks}",
         f"output={out}",
@@ -321,8 +315,8 @@ def _run_cli(server: OpenAIServer, tasks: Path, out: Path, run_dir: Path, key: s
         "client.max_concurrency=2",
         "client.backoff_s=0.01",
         f"hydra.run.dir={run_dir}",
-    ]
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env={"PYTHONPATH": str(ROOT / "src"), KEY_ENV: key},
+    )
 
 
 @pytest.mark.slow  # two CLI start-ups (~4 s each here: importing openai); the in-process twin above is fast

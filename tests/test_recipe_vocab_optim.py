@@ -3,10 +3,6 @@ report, BiLLa's warmup, weight decay on every parameter, residual dropout, confi
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -14,12 +10,12 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from billa.config import ConfigError, exit_on_config_error
-from billa.model.builders import add_residual_dropout, llama_config
+from billa.model.builders import add_residual_dropout
 from billa.model.schedule import cosine_with_warmup
 from billa.sample.tokenizer import sample_base_tokenizer
 from billa.tokenizer.expand import NORMAL, load_base_model_proto, merge_pieces
 
-from .conftest import ROOT
+from .helpers import ROOT, run_door, tiny_llama, tiny_module
 
 
 @pytest.fixture(scope="module")
@@ -122,20 +118,12 @@ def test_warmup_first_step_is_not_lr_zero():
 
 
 def _tiny_module(compose, overrides):
-    from omegaconf import OmegaConf
-
     from billa.config import plan_hardware
-    from billa.model.module import BillaLM
 
     cfg = compose(["logger=none", "trainer.max_steps=10", "scheduler.warmup_steps=2", *overrides])
-    module = BillaLM(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        vocab_size=300,
-        optimizer=plan_hardware(cfg).optimizer,
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        total_steps=10,
+    module = tiny_module(
+        cfg.model, 300, optimizer=plan_hardware(cfg).optimizer, scheduler=cfg.scheduler, total_steps=10
     )
-    module.configure_model()
     return module, module.configure_optimizers()["optimizer"]
 
 
@@ -155,11 +143,7 @@ def test_weight_decay_on_every_parameter_by_default_and_not_on_norms_by_choice(c
 
 def test_residual_dropout_is_active_in_training_only():
     """Bug caught: model.residual_dropout accepted but never applied (or applied at eval, changing exports)."""
-    from transformers import LlamaForCausalLM
-
-    arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(arch, 100))
+    model = tiny_llama(100, seed=0, num_attention_heads=2, num_key_value_heads=2)
     ids = torch.arange(1, 17).view(1, 16)
     model.eval()
     reference = model(ids).logits
@@ -215,15 +199,12 @@ def test_config_error_is_one_message_and_exit_2(capsys, monkeypatch):
 
 def test_train_py_prints_billa_error_and_exits_2(tmp_path):
     """Bug caught: the entry point lets Hydra print a stack trace for a user's non-dividing batch."""
-    args = [sys.executable, "train.py", "logger=none", "batch.global_size=7", f"hydra.run.dir={tmp_path}"]
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    args = ["train.py", "logger=none", "batch.global_size=7", f"hydra.run.dir={tmp_path}"]
+    result = run_door(*args, timeout=120, env={"HYDRA_FULL_ERROR": None})
     assert result.returncode == 2, result.stderr[-2000:]
     assert "billa: error: batch.global_size=7 is not a multiple of hardware.micro_batch_size" in result.stderr
     assert "Traceback" not in result.stderr
-    full = subprocess.run(
-        args, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**env, "HYDRA_FULL_ERROR": "1"}
-    )
+    full = run_door(*args, timeout=120, env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigError" in full.stderr
 
 

@@ -5,41 +5,32 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from billa.convert.layout import HF_EMBED, META_EMBED
 from billa.convert.release import MANIFEST, RESIDUAL, ReleaseError, release, restore, tensor_sha256, verify
 
-from .conftest import CONF, ROOT
+from .conftest import CONF
+from .helpers import run_door, tiny_llama
 
 BASE_VOCAB, VOCAB = 48, 64  # the "LLaMA" vocabulary and the expanded one (LLaMA-7B: 32,000 and 46,943)
 
 
-def tiny_config(vocab: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+ARCH = dict(
+    hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64
+)
 
 
 @pytest.fixture(scope="module")
 def llama_embedding() -> torch.Tensor:
     """LLaMA's rows as Meta ships them: fp16."""
     torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_config(BASE_VOCAB)).model.embed_tokens.weight.detach().half()
+    return tiny_llama(BASE_VOCAB, **ARCH).model.embed_tokens.weight.detach().half()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def llama_meta(tmp_path_factory, llama_embedding) -> Path:
 def llama_hf(tmp_path_factory, llama_embedding) -> Path:
     """The same LLaMA as a HF directory, converted to fp32 (values identical to Meta's fp16)."""
     path = tmp_path_factory.mktemp("llama-hf")
-    model = LlamaForCausalLM(tiny_config(BASE_VOCAB))
+    model = tiny_llama(BASE_VOCAB, **ARCH)
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(llama_embedding.float())
     model.save_pretrained(path)
@@ -67,7 +58,7 @@ def llama_hf(tmp_path_factory, llama_embedding) -> Path:
 def trained_model(llama_embedding: torch.Tensor, dtype: torch.dtype, seed: int = 1) -> LlamaForCausalLM:
     """An expanded-vocabulary model whose first rows stayed near LLaMA's, as after continued pretraining."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(VOCAB))
+    model = tiny_llama(VOCAB, **ARCH)
     with torch.no_grad():
         embed = model.model.embed_tokens.weight
         embed[:BASE_VOCAB] = llama_embedding.float() + 0.003 * torch.randn(BASE_VOCAB, 16)
@@ -307,13 +298,12 @@ def test_convert_ops_through_hydra(llama_meta, llama_embedding, tmp_path):
 @pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~15 s on a loaded CI machine
 def test_cli_refusal_names_the_cause(released_dir, tmp_path):
     """Bug caught: a refusal that ends in a stack trace or a zero exit status."""
-    result = subprocess.run(
-        [sys.executable, "convert.py", "op=restore", f"op.model={released_dir}", f"op.llama={released_dir}"]
-        + [f"op.out_dir={tmp_path / 'out'}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_door(
+        "convert.py",
+        "op=restore",
+        f"op.model={released_dir}",
+        f"op.llama={released_dir}",
+        f"op.out_dir={tmp_path / 'out'}",
     )
     assert result.returncode != 0
     assert "wrong LLaMA weights" in result.stderr and "Traceback" not in result.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 from billa.train import build_logger
 from billa.utils.secrets import REDACTED, redact
 
+from .helpers import tiny_module
+
 
 def test_redact_secret_keys_but_not_tokenizer_settings():
     config = {
@@ -60,12 +62,10 @@ def test_module_hyperparameters_and_checkpoints_are_redacted(compose, tmp_path, 
     hparams.yaml / W&B, and pickling it into every checkpoint; a key under an unrelated name
     (``${oc.env:OPENAI_API_KEY}``) reaching the logged config."""
     import torch
-    from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
     from billa.config import plan_hardware
     from billa.data.collate import PadCollator
-    from billa.model.module import BillaLM
     from billa.train import build_trainer
 
     monkeypatch.setenv("BILLA_TEST_API_KEY", "sk-test-0123456789")
@@ -74,13 +74,8 @@ def test_module_hyperparameters_and_checkpoints_are_redacted(compose, tmp_path, 
     cfg = compose([*overrides, "trainer.enable_progress_bar=false"], output_dir=tmp_path)
     hardware = plan_hardware(cfg)
     plan = hardware.batch
-    module = BillaLM(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        vocab_size=64,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        total_steps=1,
-        validate_at_start=False,
+    module = tiny_module(
+        cfg.model, 64, optimizer=cfg.optimizer, scheduler=cfg.scheduler, configure=False, validate_at_start=False
     )
     items = [{"input_ids": [1, 5, 9, 2], "labels": [1, 5, 9, 2], "source": "en"}] * plan.global_size
     loader = DataLoader(items, batch_size=plan.micro_size, collate_fn=PadCollator(0))

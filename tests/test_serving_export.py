@@ -8,14 +8,15 @@ import random
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from billa.data.objectives import IGNORE, ObjectiveContext, dialogue
 from billa.export import save_hf_model
-from billa.model.builders import llama_config
 from billa.model_card import ModelCard, hub_datasets, realised_mix, render_model_card
 from billa.tokenizer.chat import write_serving_config
 from billa.tokenizer.load import copy_tokenizer_files
+
+from .helpers import tiny_llama
 
 TURNS = [  # Chinese and English, answers starting with a CJK character, a digit, a letter, punctuation
     ("把这句话翻译成英文：我喜欢喝茶。", "I like drinking tea."),
@@ -91,8 +92,7 @@ def test_export_is_ready_to_serve(sample_tokenizer_dir, tmp_path):
     are not BiLLa's, a card not written, and a chat template that does not survive save/load."""
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(sample_tokenizer_dir)
-    arch = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    model = LlamaForCausalLM(llama_config(arch, len(tokenizer)))
+    model = tiny_llama(len(tokenizer), num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
     card = ModelCard(
         model_name="tiny",
         stage="sft",

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from billa.sample.corpus import sample_texts
 from billa.sample.tokenizer import sample_base_tokenizer
 from billa.tokenizer.expand import load_base_model_proto, merge_pieces, resize_model, tokenization_stats
 
-from .conftest import ROOT
+from .helpers import run_door, tiny_llama
 
 MIXED = [
     "老师，您好！ Hello, nice to meet you.",
@@ -114,18 +112,17 @@ def test_ascii_pieces_are_only_added_on_request(base_dir):
 
 @pytest.fixture(scope="module")
 def tiny_base_model(tmp_path_factory, base_dir):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
+    model = tiny_llama(
+        1000,
+        seed=0,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
-        tie_word_embeddings=False,
     )
     path = tmp_path_factory.mktemp("tiny-base")
-    LlamaForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     return path
 
 
@@ -173,25 +170,18 @@ def test_mean_random_and_padding(tiny_base_model, base_dir, sample_tokenizer_dir
 
 def test_convert_expand_vocab_end_to_end(tiny_base_model, base_dir, sample_corpus, tmp_path):
     out = tmp_path / "expanded"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "convert.py",
-            "op=expand_vocab",
-            f"op.base_tokenizer={base_dir}",
-            f"op.base_model={tiny_base_model}",
-            f"op.out_dir={out}",
-            "op.vocab_size=2200",
-            f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train/*.json', format: wudao}},"
-            f"{{path: '{sample_corpus}/translation/train/*.jsonl', format: translation}}]",
-            f"op.report_text={{zh: [{{path: '{sample_corpus}/wudao/val.json', format: wudao}}]}}",
-            f"op.english_text=[{{path: '{sample_corpus}/pile/val.jsonl', format: pile}}]",
-            "op.pad_to_multiple_of=64",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_door(
+        "convert.py",
+        "op=expand_vocab",
+        f"op.base_tokenizer={base_dir}",
+        f"op.base_model={tiny_base_model}",
+        f"op.out_dir={out}",
+        "op.vocab_size=2200",
+        f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train/*.json', format: wudao}},"
+        f"{{path: '{sample_corpus}/translation/train/*.jsonl', format: translation}}]",
+        f"op.report_text={{zh: [{{path: '{sample_corpus}/wudao/val.json', format: wudao}}]}}",
+        f"op.english_text=[{{path: '{sample_corpus}/pile/val.jsonl', format: pile}}]",
+        "op.pad_to_multiple_of=64",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "expansion_report.json").read_text())
@@ -203,21 +193,14 @@ def test_convert_expand_vocab_end_to_end(tiny_base_model, base_dir, sample_corpu
 
 
 def test_too_small_vocabulary_is_a_clear_error(base_dir, sample_corpus, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "convert.py",
-            "op=expand_vocab",
-            f"op.base_tokenizer={base_dir}",
-            f"op.out_dir={tmp_path}",
-            "op.vocab_size=500",
-            f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train/*.json', format: wudao}}]",
-            f"op.english_text=[{{path: '{sample_corpus}/pile/val.jsonl', format: pile}}]",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_door(
+        "convert.py",
+        "op=expand_vocab",
+        f"op.base_tokenizer={base_dir}",
+        f"op.out_dir={tmp_path}",
+        "op.vocab_size=500",
+        f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train/*.json', format: wudao}}]",
+        f"op.english_text=[{{path: '{sample_corpus}/pile/val.jsonl', format: pile}}]",
     )
     assert result.returncode != 0
     assert "op.vocab_size=500" in result.stderr and "Vocabulary size is smaller than required_chars" in result.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from billa.distributed.checkpoints import find_resume_checkpoint
 
-from .conftest import ROOT, ZERO3, logged, tiny_parameter_count, train_cli
+from .conftest import ZERO3, logged, tiny_parameter_count, train_cli
+from .helpers import run_door
 
 D = [*ZERO3, "hardware.micro_batch_size=4"]  # 16 = 4 x 2 ranks x 2 accumulation
 
@@ -123,19 +123,7 @@ def test_export_loads_and_matches_the_trained_model(full_run, sample_tokenizer_d
 
 def test_convert_zero3_checkpoint_to_hf(full_run, tmp_path):
     out = tmp_path / "converted"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "convert.py",
-            "op=zero_to_hf",
-            f"op.checkpoint={full_run / 'checkpoints'}",
-            f"op.out_dir={out}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_door("convert.py", "op=zero_to_hf", f"op.checkpoint={full_run / 'checkpoints'}", f"op.out_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     converted = load_file(out / "model.safetensors")
     exported = load_file(full_run / "hf" / "model.safetensors")
