@@ -62,9 +62,12 @@ def test_compiled_layers_give_the_same_loss_and_gradients(compose):
     """Compiled (with activation checkpointing) and eager steps agree on the tiny model, fp32 on CPU.
 
     Bugs caught: a compiled layer that changes the numbers (e.g. a mask or rotary input baked in as a constant,
-    gradients lost through HF's checkpoint around the compiled call), and a graph per layer instead of one shared
-    graph (compile time growing with depth: 32 compilations for LLaMA-7B). Inductor on CPU compiles C++ kernels:
-    ~25 s on 2 cores, hence the slow tier.
+    gradients lost through HF's checkpoint around the compiled call), a graph per layer instead of one shared
+    graph (compile time growing with depth: 32 compilations for LLaMA-7B), and compile=true that silently runs
+    eager: with transformers 5.25 the attention's ``kernels`` wrapper mutates a global inside the checkpointed
+    forward, dynamo gave up on the checkpoint and captured no graph, and nothing failed. A graph break inside the
+    layer (only part of it compiled) fails too. Inductor on CPU compiles C++ kernels: ~25 s on 2 cores, hence the
+    slow tier.
     """
     from torch._dynamo.utils import counters
 
@@ -88,6 +91,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients(compose):
         loss.backward()
         losses.append(loss.detach())
     assert counters["stats"]["unique_graphs"] == 1  # one graph for the 4 layers
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the whole layer in it, checkpoint included
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for (name, ours), theirs in zip(compiled.model.named_parameters(), eager.model.parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=name)

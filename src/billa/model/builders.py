@@ -82,7 +82,18 @@ def compile_decoder_layers(model: PreTrainedModel) -> int:
     SDPA's kernel. The embedding, the final norm and billa's label-position loss (boolean indexing, chunks) stay eager,
     outside any graph. ``Module.compile`` keeps parameter names, so checkpoints and exports are unchanged; activation
     checkpointing and the residual-dropout hooks go on working. Compilation happens at the first forward pass.
+
+    With activation checkpointing, transformers checkpoints inside the layer's ``forward``, so dynamo traces
+    ``torch.utils.checkpoint`` as a higher-order op, which refuses any mutation of state outside the layer. Since
+    transformers 5.25 the ``kernels`` package is a hard dependency and its ``use_kernelized_func`` wrapper around
+    ``LlamaAttention.forward`` sets and resets a module-level context variable on every call: dynamo then ran every
+    checkpointed layer eagerly, capturing no graph and raising nothing. That variable only routes the rotary function
+    to a hub kernel and holds no tensor state, so not replaying its set/reset in the backward recomputation changes
+    no number; dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint`` (a process-wide setting, read whenever a
+    layer is traced or retraced) allows exactly that.
     """
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # absent in older torch
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in model.model.layers:
         layer.compile()
     return len(model.model.layers)
