@@ -101,6 +101,9 @@ class BillaDataModule(L.LightningDataModule):
         root: str | None = None,
     ):
         super().__init__()
+        # Global rank 0 tokenises first, alone: nodes sharing the cache on one file system would otherwise tokenise
+        # the same files at once and pull each other's pieces away (``setup`` covers a node-local cache).
+        self.prepare_data_per_node = False
         self.sources = {name: dict(spec) for name, spec in sources.items()}
         self.mix = dict(mix)
         self.objectives = dict(objectives)
@@ -232,7 +235,8 @@ class BillaDataModule(L.LightningDataModule):
                 yield name, "val"
 
     def prepare_data(self) -> None:
-        """Once per node: build the sample corpus if configured, and tokenise every split into the cache."""
+        """On global rank 0 (``setup`` then on every other node): build the sample corpus if configured, and tokenise
+        every split into the cache."""
         if self.build is not None:
             self.build()
         for name, split in self._splits():
@@ -241,6 +245,13 @@ class BillaDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        trainer = self.trainer
+        if trainer is not None and trainer.num_nodes > 1:
+            # After rank 0's pass: one rank per other node reuses the shared cache, or fills a node-local one, before
+            # that node's other ranks read it.
+            if trainer.node_rank > 0 and trainer.local_rank == 0:
+                self.prepare_data()
+            trainer.strategy.barrier("billa-node-token-cache")
         train = {name: self._tokenized(name, "train") for name in self.mix}
         self.train_set = MixedDataset(
             train, self.mix, self.num_samples, self.seed, self.mix_mode, step_size=self.global_batch_size
