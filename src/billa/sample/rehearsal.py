@@ -119,7 +119,8 @@ def _write_billa(root: Path, sample: Path, pairs: list[tuple[str, str]]) -> None
     """``conf/data/billa.yaml``'s layout with WuDao 2.0's and PILE's file names."""
     docs = [_wudao(i, pairs[i][0]) for i in range(WUDAO_PARTS * WUDAO_PER_PART + 16)]
     for part in range(WUDAO_PARTS):  # WuDao 2.0's files are part-2021<6 digits>.json
-        _json(root / "wudao" / f"part-2021{278643 + 1931 * part:06d}.json", docs[part * WUDAO_PER_PART : (part + 1) * WUDAO_PER_PART])
+        part_docs = docs[part * WUDAO_PER_PART : (part + 1) * WUDAO_PER_PART]
+        _json(root / "wudao" / f"part-2021{278643 + 1931 * part:06d}.json", part_docs)
     _json(root / "wudao-val" / "part-2021009337.json", docs[-16:])
     sets = ("Pile-CC",) * 5 + ("Github",) * 2 + ("Wikipedia (en)",)  # per shard of 8 (PILE_PER_SHARD)
 
@@ -129,8 +130,8 @@ def _write_billa(root: Path, sample: Path, pairs: list[tuple[str, str]]) -> None
         return {"text": text, "meta": {"pile_set_name": name}}
 
     for shard in range(PILE_SHARDS):
-        start = shard * PILE_PER_SHARD
-        _jsonl_zst(root / "pile" / "train" / f"{shard:02d}.jsonl.zst", [pile(i) for i in range(start, start + PILE_PER_SHARD)])
+        records = [pile(shard * PILE_PER_SHARD + i) for i in range(PILE_PER_SHARD)]
+        _jsonl_zst(root / "pile" / "train" / f"{shard:02d}.jsonl.zst", records)
     _jsonl_zst(root / "pile" / "val.jsonl.zst", [pile(PILE_SHARDS * PILE_PER_SHARD + i) for i in range(16)])
     translate = [{"en_text": e, "zh_text": z} for z, e in pairs[1000:1250]]
     _jsonl(root / "translation" / "wmt19-en-zh-00.jsonl", translate[:125])
@@ -142,7 +143,7 @@ def _write_billa(root: Path, sample: Path, pairs: list[tuple[str, str]]) -> None
         records = [r for f in files for r in _shortest(_raw(f), SFT_RECORDS)]
         if directory.name == "others":  # a directory of files in several formats, as BiLLa's "others"
             for f in files:
-                (_json if f.suffix == ".json" else _jsonl)(root / "sft" / "others" / f.name, _shortest(_raw(f), 24))
+                (_json if f.suffix == ".json" else _jsonl)(root / "sft" / "others" / f.name, _shortest(_raw(f), SFT_RECORDS))
         elif directory.name == "code-alpaca-en":  # Code Alpaca ships one JSON array
             _json(root / "sft" / "code-alpaca-en.json", records)
         else:
