@@ -143,7 +143,8 @@ def _write_billa(root: Path, sample: Path, pairs: list[tuple[str, str]]) -> None
         records = [r for f in files for r in _shortest(_raw(f), SFT_RECORDS)]
         if directory.name == "others":  # a directory of files in several formats, as BiLLa's "others"
             for f in files:
-                (_json if f.suffix == ".json" else _jsonl)(root / "sft" / "others" / f.name, _shortest(_raw(f), SFT_RECORDS))
+                write = _json if f.suffix == ".json" else _jsonl
+                write(root / "sft" / "others" / f.name, _shortest(_raw(f), SFT_RECORDS))
         elif directory.name == "code-alpaca-en":  # Code Alpaca ships one JSON array
             _json(root / "sft" / "code-alpaca-en.json", records)
         else:
