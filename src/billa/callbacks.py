@@ -61,11 +61,17 @@ class Throughput(L.Callback):
         if self.flops_per_token and self.peak_flops:
             metrics["train/mfu"] = per_device * self.flops_per_token / self.peak_flops
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        if self.source_samples:  # summed over ranks: train/tokens/<source>, train/samples/<source>, train/mix/<source>
-            total = sum(self.source_samples.values())
+        # Every source of the mix on every rank, 0 where this rank drew none: each key is a collective (sync_dist),
+        # and a rank that saw fewer sources (stage 3's 12-sample cycle in blocks of 2 per rank: some ranks never
+        # draw code-alpaca-en) would run fewer all_reduces than the others, a collective mismatch that kills the job.
+        mix = getattr(getattr(trainer, "datamodule", None), "mix", None) or {}
+        sources = sorted(set(self.source_samples) | set(mix))
+        if sources:  # summed over ranks: train/tokens/<source>, train/samples/<source>, train/mix/<source>
+            total = max(sum(self.source_samples.values()), 1)
             per_source = {}
-            for source, samples in sorted(self.source_samples.items()):
-                per_source[f"train/tokens/{source}"] = float(self.source_tokens[source])
+            for source in sources:
+                samples = self.source_samples.get(source, 0)
+                per_source[f"train/tokens/{source}"] = float(self.source_tokens.get(source, 0))
                 per_source[f"train/samples/{source}"] = float(samples)
                 per_source[f"train/mix/{source}"] = samples / total
             sums = {k: v for k, v in per_source.items() if not k.startswith("train/mix/")}

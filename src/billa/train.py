@@ -66,6 +66,26 @@ def stage_datamodule(cfg: DictConfig, tokenizer_dir: str) -> BillaDataModule:
     )
 
 
+def embedding_rows(model_cfg: DictConfig, tokenizer_pieces: int) -> int:
+    """Rows of the embedding and lm_head: ``model.vocab_size``, or the tokenizer's size when that is null.
+
+    A larger ``model.vocab_size`` pads the vocabulary with rows no token id reaches (as vocabularies padded to a
+    multiple of 64 are); ``+experiment=rehearsal`` keeps BiLLa's 46,943 rows with a 3,486-piece tokenizer that way.
+
+    Raises:
+        ConfigError: ``model.vocab_size`` is smaller than the tokenizer (token ids would index past the embedding).
+    """
+    rows = model_cfg.get("vocab_size")
+    if rows is None:
+        return tokenizer_pieces
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < tokenizer_pieces:
+        raise ConfigError(
+            f"`model.vocab_size`={rows!r} must be an integer of at least the tokenizer's {tokenizer_pieces:,} pieces "
+            "(or null: the tokenizer's size)"
+        )
+    return rows
+
+
 def build_strategy(hardware_cfg: DictConfig, hardware: HardwarePlan):
     """The hardware's strategy: a string (``auto``, ``ddp``) or an object node; DeepSpeed gets the plan's config."""
     strategy = hardware_cfg.strategy
@@ -227,6 +247,14 @@ def model_card(cfg: DictConfig, hardware: HardwarePlan, trainer: L.Trainer, modu
     )
 
 
+def export_probe(datamodule: BillaDataModule) -> dict | None:
+    """The batch the export check compares logits on: the first validation batch, or without a validation split
+    (BiLLa's own layout, ``data=billa_repo``, has none) this rank's first training micro batch."""
+    if datamodule.val_set:
+        return next(iter(datamodule.val_dataloader()), None)
+    return next(iter(datamodule.train_dataloader()), None)
+
+
 def export(
     cfg: DictConfig, hardware: HardwarePlan, trainer: L.Trainer, module: BillaLM, tokenizer_dir: str, probe: dict | None
 ) -> dict:
@@ -314,7 +342,8 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)
-    runtime = run_time_values(cfg, hardware, tokenizer_dir, len(load_tokenizer(tokenizer_dir)))
+    vocab_size = embedding_rows(cfg.model, len(load_tokenizer(tokenizer_dir)))
+    runtime = run_time_values(cfg, hardware, tokenizer_dir, vocab_size)
     datamodule: BillaDataModule = complete(cfg.data, runtime, key="data")
     if cfg.prepare_only:  # tokenise every source into the cache and stop (e.g. on a CPU node before a GPU job)
         datamodule.prepare_data()
@@ -328,7 +357,7 @@ def run(cfg: DictConfig) -> dict:
     with weights_only_loading(bool(cfg.trust_checkpoint)) if ckpt_path else contextlib.nullcontext():  # DeepSpeed's too
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    probe = next(iter(datamodule.val_dataloader()), None) if datamodule.val_set else None
+    probe = export_probe(datamodule) if cfg.export.verify else None
     result = export(cfg, hardware, trainer, module, tokenizer_dir, probe)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report_data(datamodule.stats)

@@ -21,7 +21,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +54,19 @@ class ReadStats:
 HUB_PREFIX = "hf://"
 
 
-def expand_paths(pattern: str | os.PathLike, what: str) -> list[str]:
-    """Files named by a path, a glob or a directory (its files, sorted). ``what`` names the config key for errors."""
+def expand_paths(pattern: str | os.PathLike | Sequence[str | os.PathLike], what: str) -> list[str]:
+    """Files named by a path, a glob or a directory (its files, sorted), or by a list of those: the files any of them
+    names, sorted and once each (``[pile/train/*.jsonl, pile/train/*.jsonl.zst]``: PILE's shards in either form, and
+    neither a ``.zst.part`` download nor an index file). ``what`` names the config key for errors."""
+    if isinstance(pattern, Sequence) and not isinstance(pattern, str):
+        found = {f for p in pattern for f in _expand_one(p, what, missing_ok=True)}
+        if not found:
+            raise FileNotFoundError(f"{what}: no file matches any of {[str(p) for p in pattern]}")
+        return sorted(found)
+    return _expand_one(pattern, what)
+
+
+def _expand_one(pattern: str | os.PathLike, what: str, missing_ok: bool = False) -> list[str]:
     pattern = str(pattern)
     if pattern.startswith(HUB_PREFIX):
         return [pattern]
@@ -63,7 +74,7 @@ def expand_paths(pattern: str | os.PathLike, what: str) -> list[str]:
         files = sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file() and not p.name.startswith("."))
     else:
         files = sorted(glob.glob(pattern))
-    if not files:
+    if not files and not missing_ok:
         raise FileNotFoundError(f"{what}: no file matches {pattern!r}")
     return files
 
