@@ -110,3 +110,98 @@ def load_resharded(strategy, checkpoint: str | os.PathLike, saved: int, load) ->
         shutil.rmtree(universal, ignore_errors=True)
         log.info("Resumed %s on %d ranks (was %d)", checkpoint, strategy.world_size, saved)
     return state
+
+
+def _client_state(states: Path, trust: bool) -> dict:
+    import torch
+
+    from billa.distributed.safe_load import weights_only_loading
+
+    with weights_only_loading(trust):
+        return torch.load(states, map_location="cpu", weights_only=not trust)
+
+
+def check_resumable(checkpoint: str | os.PathLike, key: str, hardware, trust: bool = False) -> None:
+    """Stop before any training when ``checkpoint`` cannot resume a run on ``hardware``, saying why and the fix.
+
+    Checked: a single-file checkpoint for a DeepSpeed run and a DeepSpeed directory for a run without it; a ZeRO
+    directory missing one of the ranks' optimizer partitions; another ZeRO stage; another number of ranks where
+    DeepSpeed cannot convert (ZeRO-1/2 universal conversion needs Megatron's metadata); a data position that is not
+    a whole number of rounds of this run's micro batch x ranks (the global batch changed). Another number of ranks
+    under ZeRO-3 is fine: the strategy converts the checkpoint at load (``load_resharded``).
+
+    Args:
+        checkpoint: the checkpoint file or directory (already checked by ``safe_load.check_checkpoint``).
+        key: the config key that named it (for the message).
+        hardware: the run's ``billa.config.HardwarePlan``.
+        trust: ``trust_checkpoint`` (load the client state with ``weights_only=False``).
+
+    Raises:
+        ConfigError: naming the key, the file and the fix.
+    """
+    from billa.config import ConfigError
+
+    path, stage, batch = Path(checkpoint), hardware.zero_stage, hardware.batch
+    world = batch.world_size
+    start_from_weights = (
+        f"or start from its weights, the optimizer state afresh: python convert.py op=zero_to_hf "
+        f"op.checkpoint={path} op.out_dir=<dir>, then init_from=<dir> instead of {key}"
+    )
+    if path.is_file():
+        if stage is not None:
+            raise ConfigError(
+                f"{key}={path} is a single-file checkpoint (written without DeepSpeed), but this run trains with "
+                f"DeepSpeed ZeRO-{stage}, which resumes only from a DeepSpeed checkpoint directory. Resume it with "
+                "the hardware config it was written with, or start from its weights with init_from=<that run's HF "
+                "export, <run>/hf> (the optimizer state starts afresh)"
+            )
+        return
+    states = path / TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if stage is None:
+        raise ConfigError(
+            f"{key}={path} is a DeepSpeed checkpoint directory, but this run's hardware config does not use "
+            "DeepSpeed. Resume it with a DeepSpeed hardware config (hardware=cpu_zero3, 8xa100, ...), "
+            + start_from_weights
+        )
+    if not states.is_file():
+        raise ConfigError(f"{key}={path}: no {states.relative_to(path)}: not a DeepSpeed checkpoint written by billa")
+    client = _client_state(states, trust)
+    saved = int(client.get("dp_world_size") or 1)
+    shards = optimizer_shards(path)
+    missing = [f"{TAG}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(saved) if r not in shards]
+    if missing or len(shards) != saved:
+        raise ConfigError(
+            f"{key}={path}: written by {saved} ranks (dp_world_size in {states.name}) but holds {len(shards)} "
+            f"optimizer partitions; missing {missing or 'none'}. Copy the whole checkpoint directory, every rank's "
+            "files included, " + start_from_weights
+        )
+    saved_stage = (client.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
+    if saved_stage is not None and saved_stage != stage:
+        raise ConfigError(
+            f"{key}={path}: written with ZeRO stage {saved_stage}, this run uses stage {stage} "
+            f"(hardware.strategy.config.zero_optimization.stage). Resume with stage {saved_stage}, "
+            + start_from_weights
+        )
+    if saved != world and stage < 3:
+        raise ConfigError(
+            f"{key}={path}: written by {saved} ranks, this run has {world} (hardware.devices={batch.devices} x "
+            f"hardware.num_nodes={batch.num_nodes}), and DeepSpeed converts ZeRO-{stage} checkpoints to another "
+            f"world size only with Megatron's metadata. Resume on {saved} ranks, " + start_from_weights
+        )
+    step = int(client.get("global_step") or 0)
+    consumed = int((client.get("BillaDataModule") or {}).get("consumed_samples") or 0)
+    if consumed % (batch.micro_size * world):
+        raise ConfigError(
+            f"{key}={path}: the run consumed {consumed} samples (step {step} x global batch "
+            f"{consumed // max(step, 1)}), not a whole number of rounds of hardware.micro_batch_size="
+            f"{batch.micro_size} x {world} ranks: the data stream cannot continue where it stopped. Keep "
+            f"batch.global_size={consumed // max(step, 1)} as the run that wrote it (now {batch.global_size})"
+        )
+    if saved != world:
+        log.info(
+            "%s=%s was written by %d ranks, this run has %d: it is converted to a universal checkpoint at load",
+            key,
+            path,
+            saved,
+            world,
+        )

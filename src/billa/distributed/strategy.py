@@ -69,7 +69,8 @@ class BillaDeepSpeedStrategy(DeepSpeedStrategy):
         saved = None if self.load_full_weights else saved_world_size(checkpoint_path)
         if saved is None or saved == self.world_size:
             return super().load_checkpoint(checkpoint_path, weights_only)
-        return load_resharded(self, checkpoint_path, saved, functools.partial(super().load_checkpoint, weights_only=weights_only))
+        load = functools.partial(super().load_checkpoint, weights_only=weights_only)
+        return load_resharded(self, checkpoint_path, saved, load)
 
 
 class CPUDeepSpeedStrategy(BillaDeepSpeedStrategy):
