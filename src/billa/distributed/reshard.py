@@ -205,3 +205,38 @@ def check_resumable(checkpoint: str | os.PathLike, key: str, hardware, trust: bo
             saved,
             world,
         )
+
+
+def realign_accumulation(state: dict, accumulation: int) -> dict:
+    """Rescale Lightning's micro-batch counters in ``state`` from the checkpoint's gradient accumulation to this run's.
+
+    Lightning counts micro batches in its loop state and steps the optimizer when the count is a multiple of the
+    accumulation; validation comes every ``val_every_n_steps x accumulation`` micro batches of the same count. A run
+    resumed on another world size keeps its global batch by changing the accumulation (8 ranks x 2 -> 4 ranks x 4):
+    unscaled, the first step after a resume at step 5 from accumulation 1 to 2 would take one micro batch and every
+    later step and validation would fall half an accumulation early. Optimizer steps (the step count, the schedule,
+    the data position) are unaffected; only the micro-batch counters move, by ``steps x (new - old)``.
+
+    Args:
+        state: Lightning's checkpoint (the client state of a DeepSpeed one, ``ds_config`` naming its accumulation).
+        accumulation: this run's ``accumulate_grad_batches``.
+
+    Returns:
+        ``state``, changed in place.
+    """
+    saved = int((state.get("ds_config") or {}).get("gradient_accumulation_steps") or 0)
+    progress = ((state.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress")
+    if not saved or saved == accumulation or not progress:
+        return state
+    for scope in ("total", "current"):
+        counters = progress.get(scope) or {}
+        steps = int(counters.get("ready", 0)) // saved
+        for name in ("ready", "started", "processed", "completed"):
+            if name in counters:
+                counters[name] += steps * (accumulation - saved)
+    log.info(
+        "The checkpoint accumulated %d micro batches per step, this run %d: Lightning's batch counters rescaled",
+        saved,
+        accumulation,
+    )
+    return state

@@ -24,7 +24,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from billa.distributed.reshard import load_resharded, saved_world_size
+from billa.distributed.reshard import load_resharded, realign_accumulation, saved_world_size
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 deprecates, once per parameter per step.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+ is deprecated", category=FutureWarning)
@@ -65,12 +65,15 @@ class BillaDeepSpeedStrategy(DeepSpeedStrategy):
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        """DeepSpeed's load; a sharded checkpoint written by another number of ranks goes through a universal one."""
+        """DeepSpeed's load; a checkpoint written by another number of ranks goes through a universal one, and
+        Lightning's micro-batch counters follow a changed gradient accumulation (``billa.distributed.reshard``)."""
         saved = None if self.load_full_weights else saved_world_size(checkpoint_path)
         if saved is None or saved == self.world_size:
-            return super().load_checkpoint(checkpoint_path, weights_only)
-        load = functools.partial(super().load_checkpoint, weights_only=weights_only)
-        return load_resharded(self, checkpoint_path, saved, load)
+            state = super().load_checkpoint(checkpoint_path, weights_only)
+        else:
+            load = functools.partial(super().load_checkpoint, weights_only=weights_only)
+            state = load_resharded(self, checkpoint_path, saved, load)
+        return realign_accumulation(state, self.lightning_module.trainer.accumulate_grad_batches)
 
 
 class CPUDeepSpeedStrategy(BillaDeepSpeedStrategy):
