@@ -4,14 +4,18 @@ A ZeRO checkpoint holds one flat partition of the fp32 master weights and Adam m
 (``checkpoint/zero_pp_rank_{r}_mp_rank_00_optim_states.pt``); DeepSpeed's own load refuses another world size.
 ``deepspeed.checkpoint.ds_to_universal`` merges the partitions into one file per parameter and state
 (``zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt``), which an engine with ``load_universal_checkpoint`` re-slices for its
-own world size (ZeRO-3 supported since DeepSpeed 0.16, checked on 0.19 on CPU: losses after a 2 -> 1 and 1 -> 2 rank
+own world size (ZeRO-3 included; checked on DeepSpeed 0.19 on CPU: losses after a 2 -> 1 and 1 -> 2 rank
 resume equal those of a run that never stopped, tests/test_resume_world_size.py). The rest of Lightning's checkpoint
-(step, schedule, loops, data position, RNG) is the client state of the model-states files, copied as is.
+(step, schedule, loops, data position, RNG) is the client state of the model-states files, copied as is; the data
+position is a sample count (steps x global batch), the same on any world size that keeps the global batch, and
+Lightning's micro-batch counters are rescaled when the accumulation changes with the world size
+(``realign_accumulation``). ``check_resumable`` refuses, before any training, a checkpoint that cannot resume the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -60,7 +64,9 @@ def to_universal(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> P
     args = argparse.Namespace(
         input_folder=str(Path(checkpoint) / TAG),
         output_folder=str(out / TAG),
-        num_extract_workers=1,  # worker processes would not add speed on a single node's few cores worth the fork
+        # in this process: a process pool forked from a rank that holds a process group and torch's threads can
+        # deadlock, and the weights-only loading set up around the load must hold in the loads themselves
+        num_extract_workers=1,
         num_merge_workers=1,
         keep_temp_folder=False,
         strict=True,
@@ -108,6 +114,8 @@ def load_resharded(strategy, checkpoint: str | os.PathLike, saved: int, load) ->
     strategy.barrier()
     if strategy.is_global_zero:
         shutil.rmtree(universal, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only when empty: another conversion may be under way there
+            universal.parent.rmdir()
         log.info("Resumed %s on %d ranks (was %d)", checkpoint, strategy.world_size, saved)
     return state
 
