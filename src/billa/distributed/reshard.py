@@ -64,8 +64,7 @@ def to_universal(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> P
     args = argparse.Namespace(
         input_folder=str(Path(checkpoint) / TAG),
         output_folder=str(out / TAG),
-        # in this process: a process pool forked from a rank that holds a process group and torch's threads can
-        # deadlock, and the weights-only loading set up around the load must hold in the loads themselves
+        # in this process: a process pool forked from a rank that holds a process group and torch's threads can hang
         num_extract_workers=1,
         num_merge_workers=1,
         keep_temp_folder=False,
