@@ -24,6 +24,7 @@ from billa.config import ConfigError, HardwarePlan, complete, plan_hardware, val
 from billa.data.datamodule import BillaDataModule
 from billa.distributed.checkpoints import resolve_ckpt_path
 from billa.distributed.memory import plan_memory
+from billa.distributed.reshard import check_resumable
 from billa.distributed.safe_load import check_checkpoint, weights_only_loading
 from billa.export import gather_state_dict, save_hf_model
 from billa.model.builders import count_parameters
@@ -300,13 +301,14 @@ def report_data(stats: dict) -> None:
             log.info("Data report %s", line)
 
 
-def resume_checkpoint(cfg: DictConfig) -> str | None:
+def resume_checkpoint(cfg: DictConfig, hardware: HardwarePlan | None = None) -> str | None:
     """The checkpoint to resume from (``ckpt_path``, or ``resume=auto``), checked before any work is done.
 
     ``resume=auto`` says where it looked and, when nothing is there, that the run starts from scratch.
 
     Raises:
         UntrustedCheckpointError: the checkpoint's pickles would run code (unless ``trust_checkpoint=true``).
+        ConfigError: the checkpoint does not fit the run's hardware plan (``reshard.check_resumable``).
     """
     directory = Path(cfg.output_dir) / "checkpoints"
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), directory)
@@ -321,7 +323,9 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
             )
     if ckpt_path:  # a checkpoint whose pickles would run code is refused here
         key = "ckpt_path" if cfg.get("ckpt_path") else "resume=auto"
-        check_checkpoint(ckpt_path, key, bool(cfg.get("trust_checkpoint", False)))
+        trust = bool(cfg.get("trust_checkpoint", False))
+        check_checkpoint(ckpt_path, key, trust)
+        check_resumable(ckpt_path, key, hardware or plan_hardware(cfg, validate(cfg)), trust)
     return ckpt_path
 
 
@@ -338,7 +342,7 @@ def run(cfg: DictConfig) -> dict:
     setup_logging()
     hardware = plan_hardware(cfg, validate(cfg))
     log.info("Stage %s, model %s, %s", cfg.stage_name, cfg.model.name, hardware.batch)
-    ckpt_path = resume_checkpoint(cfg)
+    ckpt_path = resume_checkpoint(cfg, hardware)
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer_dir = instantiate(cfg.model.tokenizer)

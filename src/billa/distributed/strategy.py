@@ -13,6 +13,7 @@ device-index check is skipped, and the root device is ``cpu:0``. Parameters are 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+from billa.distributed.reshard import load_resharded, realign_accumulation, saved_world_size
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 deprecates, once per parameter per step.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+ is deprecated", category=FutureWarning)
@@ -60,6 +63,17 @@ class BillaDeepSpeedStrategy(DeepSpeedStrategy):
                 shutil.rmtree(final)
             os.replace(partial, final)
         self.barrier()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """DeepSpeed's load; a checkpoint written by another number of ranks goes through a universal one, and
+        Lightning's micro-batch counters follow a changed gradient accumulation (``billa.distributed.reshard``)."""
+        saved = None if self.load_full_weights else saved_world_size(checkpoint_path)
+        if saved is None or saved == self.world_size:
+            state = super().load_checkpoint(checkpoint_path, weights_only)
+        else:
+            load = functools.partial(super().load_checkpoint, weights_only=weights_only)
+            state = load_resharded(self, checkpoint_path, saved, load)
+        return realign_accumulation(state, self.lightning_module.trainer.accumulate_grad_batches)
 
 
 class CPUDeepSpeedStrategy(BillaDeepSpeedStrategy):
