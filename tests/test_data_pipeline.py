@@ -226,12 +226,14 @@ def test_resume_gives_identical_batches(datamodule_factory):
     """
     steps_done, accumulation = 4, 2
     for rank in range(2):
-        trainer = SimpleNamespace(global_step=0, global_rank=rank, world_size=2)
+        trainer = SimpleNamespace(global_step=0, global_rank=rank, world_size=2, num_nodes=1)
         full = list(datamodule_factory(trainer=trainer).train_dataloader())
         assert len(full) == 10 * accumulation  # 10 optimizer steps of 2 micro batches per rank
         trainer.global_step = steps_done  # what a checkpoint written after step 4 records
         state = datamodule_factory(trainer=trainer).state_dict()
-        resumed_dm = datamodule_factory(trainer=SimpleNamespace(global_step=steps_done, global_rank=rank, world_size=2))
+        resumed_dm = datamodule_factory(
+            trainer=SimpleNamespace(global_step=steps_done, global_rank=rank, world_size=2, num_nodes=1)
+        )
         resumed_dm.load_state_dict(state)
         resumed = list(resumed_dm.train_dataloader())
         assert len(resumed) == len(full) - steps_done * accumulation
@@ -247,7 +249,11 @@ def test_every_micro_batch_knows_the_label_tokens_of_its_whole_step(datamodule_f
     rank's or one micro batch's samples, or over a misaligned window of the stream.
     """
     loaders = [
-        list(datamodule_factory(trainer=SimpleNamespace(global_step=0, global_rank=r, world_size=2)).train_dataloader())
+        list(
+            datamodule_factory(
+                trainer=SimpleNamespace(global_step=0, global_rank=r, world_size=2, num_nodes=1)
+            ).train_dataloader()
+        )
         for r in range(2)
     ]
     for step in range(10):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from billa.distributed.memory import zero_settings
 from billa.utils.logging import get_logger
 
 if TYPE_CHECKING:  # billa.model and the benchmarks import this module on machines without Hydra/OmegaConf
@@ -110,6 +109,18 @@ def plan_batch(cfg: DictConfig) -> BatchPlan:
             f"or change batch.global_size to a multiple of {per_step}."
         )
     return BatchPlan(global_size, micro, devices, nodes, global_size // per_step)
+
+
+def zero_settings(strategy_config: Mapping | None) -> tuple[int | None, bool, bool]:
+    """(ZeRO stage, optimizer offloaded, parameters offloaded) from a DeepSpeed config (stage None without one)."""
+    if strategy_config is None:
+        return None, False, False
+    zero = strategy_config.get("zero_optimization") or {}
+
+    def offloaded(key: str) -> bool:
+        return ((zero.get(key) or {}).get("device") or "none") != "none"
+
+    return int(zero.get("stage", 0)), offloaded("offload_optimizer"), offloaded("offload_param")
 
 
 @dataclass(frozen=True)

@@ -102,18 +102,6 @@ def plan_memory(
     return MemoryPlan(params, grads, optim, activations, overhead, capacity, offloaded)
 
 
-def zero_settings(strategy_config: Mapping | None) -> tuple[int | None, bool, bool]:
-    """(ZeRO stage, optimizer offloaded, parameters offloaded) from a DeepSpeed config (stage None without one)."""
-    if strategy_config is None:
-        return None, False, False
-    zero = strategy_config.get("zero_optimization") or {}
-
-    def offloaded(key: str) -> bool:
-        return ((zero.get(key) or {}).get("device") or "none") != "none"
-
-    return int(zero.get("stage", 0)), offloaded("offload_optimizer"), offloaded("offload_param")
-
-
 def partition_report(model) -> dict:
     """What this rank really holds: local vs full element counts (ZeRO-3 parameters expose ``ds_numel``)."""
     local = shard = full = empty = count = 0
