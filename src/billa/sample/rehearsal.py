@@ -195,12 +195,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="where billa_repo/, billa/ and tokenizer/ are written")
     parser.add_argument("--sample-dir", default=None, help="the embedded sample's cache (default: the tiny default's)")
     args = parser.parse_args(argv)
+    from rich.console import Console  # the command's own report on stdout, as the mask inspector prints its samples
+
+    console = Console(soft_wrap=True)
     files = build_rehearsal_corpus(args.out_dir, args.sample_dir)
     root = Path(args.out_dir).resolve()
-    print(f"Rehearsal corpus in {root}: {files}")
+    console.print(f"Rehearsal corpus in {root}: {files}")
     for data in ("billa_repo", "billa"):
-        print(f"  python train.py stage=pretrain model=llama-7b data={data} hardware=8xa100 +experiment=rehearsal "
-              f"data.root={root / data}")  # fmt: skip
+        console.print(f"  python train.py stage=pretrain model=llama-7b data={data} hardware=8xa100 "
+                      f"+experiment=rehearsal data.root={root / data}")  # fmt: skip
 
 
 if __name__ == "__main__":
