@@ -149,10 +149,6 @@ class HardwarePlan:
     clips_in_module: bool
     optimizer: dict
 
-    @property
-    def strategy_name(self) -> str:
-        return f"DeepSpeed ZeRO-{self.zero_stage}" if self.zero_stage is not None else "no ZeRO"
-
 
 def plan_hardware(cfg: DictConfig, batch: BatchPlan | None = None) -> HardwarePlan:
     """The hardware plan of a composed training config (``batch`` defaults to ``plan_batch(cfg)``)."""
