@@ -53,6 +53,7 @@ def save_hf_model(
     model_max_length: int | None = None,
     generation: Mapping | None = None,
     card: ModelCard | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> str:
     """Write ``model`` (or ``state_dict`` with ``model``'s config) + the tokenizer to ``out_dir`` atomically.
 
@@ -70,6 +71,8 @@ def save_hf_model(
         model_max_length: the context length trained on (``data.max_seq_length``); None leaves the tokenizer's.
         generation: ``GenerationConfig`` fields; None: BiLLa's sampling (``SAMPLING_DEFAULTS``).
         card: what the model card states; None writes no ``README.md``.
+        extra_files: file name -> text, written into the directory too (``billa_data_state.json``: where the stage
+            stopped reading its stream sources, which the next stage continues from).
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -91,6 +94,8 @@ def save_hf_model(
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
     if card is not None:
         (tmp / "README.md").write_text(render_model_card(card), encoding="utf-8")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)

@@ -59,6 +59,13 @@ def inspect_stage(cfg: DictConfig, console: Console | None = None) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")
     count = min(int(cfg.inspect), len(datamodule.train_set))
+    try:
+        return _print_samples(cfg, console, tokenizer, datamodule, count)
+    finally:
+        datamodule.teardown()  # the stream sources' feeder
+
+
+def _print_samples(cfg, console, tokenizer, datamodule, count: int) -> dict:
     samples = []
     console.print(f"stage={cfg.stage_name}: the first {count} samples of the training stream; loss on {OPEN}...{CLOSE}")
     for index in range(count):

@@ -22,6 +22,7 @@ from billa.callbacks import (
 )
 from billa.config import ConfigError, HardwarePlan, complete, plan_hardware, validate
 from billa.data.datamodule import BillaDataModule
+from billa.data.stream import STATE_FILE
 from billa.distributed.checkpoints import resolve_ckpt_path
 from billa.distributed.memory import plan_memory
 from billa.distributed.reshard import check_resumable
@@ -261,6 +262,9 @@ def export(
 ) -> dict:
     """Gather (ZeRO-3: per parameter) and write the HF directory on rank 0; optionally check it against the model."""
     state = gather_state_dict(module.model, trainer.is_global_zero)
+    datamodule: BillaDataModule = trainer.datamodule
+    samples = trainer.global_step * hardware.batch.global_size
+    data_state = datamodule.data_state(samples) if datamodule.streams_used() else None
     trained_logits = probe_logits(module, probe) if probe is not None and cfg.export.verify else None
     result = {"export_dir": str(cfg.export.dir)}
     if trainer.is_global_zero:
@@ -273,6 +277,9 @@ def export(
             model_max_length=trainer.datamodule.max_seq_length,  # the context trained on, not the model's maximum
             generation=OmegaConf.to_container(cfg.export.generation) if cfg.export.get("generation") else None,
             card=model_card(cfg, hardware, trainer, module),
+            extra_files={STATE_FILE: json.dumps({"stage": cfg.stage_name, **data_state}, indent=1)}
+            if data_state
+            else None,
         )
         if trained_logits is not None:
             from transformers import AutoModelForCausalLM
@@ -349,8 +356,9 @@ def run(cfg: DictConfig) -> dict:
     vocab_size = embedding_rows(cfg.model, len(load_tokenizer(tokenizer_dir)))
     runtime = run_time_values(cfg, hardware, tokenizer_dir, vocab_size)
     datamodule: BillaDataModule = complete(cfg.data, runtime, key="data")
-    if cfg.prepare_only:  # tokenise every source into the cache and stop (e.g. on a CPU node before a GPU job)
-        datamodule.prepare_data()
+    datamodule.check_streams()  # a data-state file that does not fit stops here, before any work
+    if cfg.prepare_only:  # tokenise what the stage reads into the cache and stop (e.g. on a CPU node before a GPU job)
+        datamodule.prepare_stage()
         report_data(datamodule.stats)
         return {"data": datamodule.stats, "token_cache_dir": datamodule.token_cache_dir}
     check_memory(cfg, hardware, runtime["vocab_size"], datamodule.max_seq_length)

@@ -130,7 +130,8 @@ def remove_stale_temp(cache_root: str | os.PathLike) -> int:
     """
     host, removed = socket.gethostname(), 0
     root = Path(cache_root)
-    for path in [*root.glob("*/*/*.tmp*"), *root.glob("*/*/*.pieces/*.tmp*"), *root.glob("file_hashes.json.tmp*")]:
+    temporary = [*root.glob("*/*/*.tmp*"), *root.glob("*/*/*.pieces/*.tmp*"), *root.glob("*/*/stream-*/*/*.tmp*")]
+    for path in [*temporary, *root.glob("file_hashes.json.tmp*")]:
         match = _TMP.search(path.name)
         if not match or match["host"] not in (None, host) or int(match["pid"]) == os.getpid():
             continue
@@ -280,6 +281,18 @@ def tokenize_source(
     return VariantSource(dataset, settings.seed, settings.source), totals
 
 
+def settings_key(settings: ObjectiveSettings, tokenizer_dir: str, prompts: dict[str, list[str]]) -> str:
+    """The cache directory of a source's tokens: what determines them besides the input file."""
+    return fingerprint(
+        f"readers/{READER_VERSION}",
+        # the seed only drives the per-visit draws, made after the cache: a seed sweep reuses the shards
+        json.dumps({k: v for k, v in asdict(settings).items() if k != "seed"}, sort_keys=True),
+        tokenizer_fingerprint(tokenizer_dir),
+        prompts_fingerprint(prompts),
+        _FORMAT_VERSION,
+    )
+
+
 def tokenise_files(
     files: list[str],
     settings: ObjectiveSettings,
@@ -293,16 +306,8 @@ def tokenise_files(
     """The tokenisation pass of ``tokenize_source`` alone: each file's shard, made now or reused."""
     if not isinstance(prompts, dict):
         prompts = load_prompts(prompts)
-    settings_key = fingerprint(
-        f"readers/{READER_VERSION}",
-        # the seed only drives the per-visit draws, made after the cache: a seed sweep reuses the shards
-        json.dumps({k: v for k, v in asdict(settings).items() if k != "seed"}, sort_keys=True),
-        tokenizer_fingerprint(tokenizer_dir),
-        prompts_fingerprint(prompts),
-        _FORMAT_VERSION,
-    )
     remove_stale_temp(cache_root)
-    root = Path(cache_root) / settings.source / settings_key
+    root = Path(cache_root) / settings.source / settings_key(settings, tokenizer_dir, prompts)
     root.mkdir(parents=True, exist_ok=True)
     shards, todo = {}, []
     for path in files:

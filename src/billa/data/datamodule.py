@@ -9,12 +9,13 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from billa.config import ConfigError
-from billa.data.cache import ObjectiveSettings, tokenize_source
+from billa.data.cache import ObjectiveSettings, settings_key, tokenize_source
 from billa.data.collate import PackCollator, PadCollator
-from billa.data.mixing import MixedDataset, StreamSampler
+from billa.data.mixing import MixedDataset, MixSchedule, StreamSampler
 from billa.data.objectives import IGNORE, OBJECTIVES, load_prompts
 from billa.data.packing import MASK, packed_layout
 from billa.data.readers import expand_paths, record_kind
+from billa.data.stream import STATE_FILE, STREAM_FORMAT, STREAM_OBJECTIVES, Feeder, StreamSource, start_of, state_of
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
 
@@ -71,6 +72,10 @@ class BillaDataModule(L.LightningDataModule):
         exact_mix_per_rank: every rank's micro batch holds the exact mix; checked against the batch plan by
             ``billa.config.validate`` before any data is read (the stream itself is the same either way).
         root: the directory the source paths of a data config are written under (``${data.root}``); logged only.
+        streams_from: where the stream sources (``order: stream``, the default of text and translation sources) start:
+            ``auto`` continues where the previous stage stopped reading them (``<init_from>/billa_data_state.json``,
+            written beside every export), a path names such a file, null starts at their first file.
+        init_from: the stage's starting HF directory (``init_from``). Run time.
     """
 
     def __init__(
@@ -99,6 +104,8 @@ class BillaDataModule(L.LightningDataModule):
         translation_prompts: Mapping[str, str] | None = None,
         exact_mix_per_rank: bool = False,
         root: str | None = None,
+        streams_from: str | None = "auto",
+        init_from: str | None = None,
     ):
         super().__init__()
         # Global rank 0 tokenises first, alone: nodes sharing the cache on one file system would otherwise tokenise
@@ -132,6 +139,10 @@ class BillaDataModule(L.LightningDataModule):
         self.data_slice = slice
         self.exact_mix_per_rank = exact_mix_per_rank
         self.root = root
+        self.streams_from = streams_from
+        self.init_from = init_from
+        self.streams: dict[str, StreamSource] = {}
+        self.feeder: Feeder | None = None
         self.train_set: MixedDataset | None = None
         self.val_set: list[dict] | None = None
         self.stats: dict[str, dict] = {}
@@ -149,7 +160,7 @@ class BillaDataModule(L.LightningDataModule):
             sorted(
                 (k, v if not isinstance(v, list) else tuple(v))
                 for k, v in spec.items()
-                if k not in ("kind", "format", "train", "val", "slices")
+                if k not in ("kind", "format", "train", "val", "slices", "order")
             )
         )
         types = tuple(sorted(self.prompt_types.items())) if objective in ("task", "dialogue") else ()
@@ -196,6 +207,126 @@ class BillaDataModule(L.LightningDataModule):
             )
         return chosen
 
+    def streamed(self, name: str) -> bool:
+        """Whether source ``name`` is read as a stream (file order, tokenised while training; ``data.stream``):
+        ``data.sources.<name>.order``, by default ``stream`` for text and translation sources, ``shuffle`` else."""
+        spec = self.sources[name]
+        kind = spec.get("kind") or record_kind(spec["format"])
+        order = spec.get("order") or ("stream" if kind in ("text", "translation") else "shuffle")
+        if order not in ("stream", "shuffle"):
+            raise ConfigError(f"data.sources.{name}.order={order!r}: expected stream (file order) or shuffle")
+        if order == "stream" and self.objectives.get(kind) not in STREAM_OBJECTIVES:
+            raise ConfigError(
+                f"data.sources.{name}.order=stream: the objective {self.objectives.get(kind)!r} of its records is "
+                f"not streamed (stream objectives: {', '.join(STREAM_OBJECTIVES)}); set order: shuffle"
+            )
+        return order == "stream"
+
+    def state_path(self) -> str | None:
+        """The data-state file the stream sources continue from (``data.streams_from``), or None."""
+        if self.streams_from in (None, "none", "null"):
+            return None
+        if self.streams_from == "auto":
+            path = Path(self.init_from or "", STATE_FILE)
+            return str(path) if self.init_from and path.is_file() else None
+        if not Path(self.streams_from).is_file():
+            raise ConfigError(
+                f"data.streams_from={self.streams_from}: no such file (expected a {STATE_FILE} written beside an "
+                "export; auto: the init_from directory's, null: start at the first file)"
+            )
+        return str(self.streams_from)
+
+    def _stream(self, name: str) -> StreamSource:
+        """Source ``name`` as a ``StreamSource``, starting where ``data.streams_from`` says."""
+        import json
+
+        from billa.data.tokenise import tokenizer_spec
+
+        files = self.files(name, "train")
+        start, state = (0, 1), self.state_path()
+        entry = json.loads(Path(state).read_text())["sources"].get(name) if state else None
+        if entry is not None:
+            start = start_of(state, name, files, entry)
+            if entry.get("epoch"):
+                log.warning(
+                    "%s: the previous stage read all of it (%d passes); this stage continues its stream, so its "
+                    "records repeat",
+                    name,
+                    entry["epoch"],
+                )
+        settings = self._settings(name)
+        root = Path(self.token_cache_dir) / name / settings_key(settings, self.tokenizer_dir, self.prompts)
+        if not hasattr(self, "_spec"):
+            self._spec = tokenizer_spec(load_tokenizer(self.tokenizer_dir))
+        return StreamSource(
+            name, files, settings, root / STREAM_FORMAT, start, self.prompts, self._spec["bos_id"], self._spec["eos_id"]
+        )
+
+    def streams_used(self) -> list[str]:
+        """The sources of the mix read as streams."""
+        return [name for name in self.mix if self.streamed(name)]
+
+    def check_streams(self) -> None:
+        """Resolve every stream source's files and start now, so that a data-state file or slice that does not fit
+        the run stops it before any work (``billa: error:`` naming the file or key)."""
+        for name in self.streams_used():
+            self._stream(name)
+
+    def _position(self) -> int:
+        """Samples the stage has consumed: what the feeder keeps the tokenisation ahead of."""
+        trainer = self.trainer
+        step = trainer.global_step if trainer is not None else 0
+        return max(step * self.global_batch_size, self.resume_samples)
+
+    def start_feeder(self) -> Feeder:
+        """Start tokenising the stream sources ahead of the trainer (one feeder per node's first process)."""
+        if self.feeder is None:
+            schedule = MixSchedule(self.mix, self.num_samples, self.seed, self.mix_mode)
+            margin = 2 * self.global_batch_size  # the step being read and the next one
+
+            def need(name: str, samples: int) -> int:
+                return max(0, schedule.occurrences(name, min(samples + margin, self.num_samples)) - 1)
+
+            sources = {name: self._stream(name) for name in self.mix if self.streamed(name)}
+            if sources:
+                self.feeder = Feeder(sources, need, self._position, self._spec, self.prompts, self.num_proc).start()
+        return self.feeder
+
+    def _wait_for_streams(self, samples: int = 0) -> None:
+        """Block until every stream source has its rows for the first ``samples`` samples (at least its first row)."""
+        import time
+
+        if self.feeder is None:
+            return
+        schedule = MixSchedule(self.mix, self.num_samples, self.seed, self.mix_mode)
+        for name in self.feeder.sources:
+            source = self._stream(name)
+            row = max(0, schedule.occurrences(name, samples) - 1)
+            while source.locate(row, block=False) is None:
+                if self.feeder.error is not None:
+                    raise self.feeder.error
+                time.sleep(0.05)
+            self.stats[f"{name}/train"] = source.stats()
+
+    def teardown(self, stage: str | None = None) -> None:
+        for name, source in (self.train_set.sources if self.train_set is not None else {}).items():
+            if isinstance(source, StreamSource):
+                self.stats[f"{name}/train"] = source.stats()  # the pieces read so far
+        if self.feeder is not None:
+            self.feeder.stop()
+            self.feeder = None
+
+    def data_state(self, samples: int) -> dict:
+        """Where each stream source stopped after the stage's first ``samples`` samples: the next stage's start
+        (``billa_data_state.json`` beside the export)."""
+        schedule = MixSchedule(self.mix, self.num_samples, self.seed, self.mix_mode)
+        sources = {}
+        for name in self.mix:
+            if self.streamed(name):
+                stream = self.train_set.sources[name] if self.train_set is not None else self._stream(name)
+                sources[name] = state_of(stream, schedule.occurrences(name, samples))
+        return {"samples": samples, "sources": sources}
+
     def _tokenized(self, name: str, split: str):
         """The source's split, tokenised once into the Arrow cache (reused when nothing changed)."""
         dataset, stats = tokenize_source(
@@ -235,12 +366,23 @@ class BillaDataModule(L.LightningDataModule):
                 yield name, "val"
 
     def prepare_data(self) -> None:
-        """On global rank 0 (``setup`` then on every other node): build the sample corpus if configured, and tokenise
-        every split into the cache."""
+        """On global rank 0 (``setup`` then on every other node): build the sample corpus if configured, tokenise
+        every shuffled source and every validation split into the cache, and start the stream sources' feeder,
+        returning once each of them has its first rows (training starts while the feeder goes on)."""
         if self.build is not None:
             self.build()
         for name, split in self._splits():
-            self._tokenized(name, split)
+            if split == "val" or not self.streamed(name):
+                self._tokenized(name, split)
+        self.start_feeder()
+        self._wait_for_streams()
+
+    def prepare_stage(self) -> None:
+        """``prepare_only=true``: tokenise everything the stage reads (the stream sources up to the stage's last
+        sample), then stop."""
+        self.prepare_data()
+        self._wait_for_streams(self.num_samples)
+        self.teardown()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -252,11 +394,16 @@ class BillaDataModule(L.LightningDataModule):
             if trainer.node_rank > 0 and trainer.local_rank == 0:
                 self.prepare_data()
             trainer.strategy.barrier("billa-node-token-cache")
-        train = {name: self._tokenized(name, "train") for name in self.mix}
+        if trainer is not None and trainer.local_rank == 0:
+            self.start_feeder()  # every node tokenises ahead (a shared cache: the file claims keep them apart)
+        train = {name: self._stream(name) if self.streamed(name) else self._tokenized(name, "train") for name in self.mix}
         self.train_set = MixedDataset(
             train, self.mix, self.num_samples, self.seed, self.mix_mode, step_size=self.global_batch_size
         )
         self.setup_validation()
+        for name, source in train.items():
+            if isinstance(source, StreamSource):
+                self.stats[f"{name}/train"] = source.stats()
         log.info("Data: %s", {key: value["examples"] for key, value in self.stats.items()})
 
     def setup_validation(self) -> list[dict]:

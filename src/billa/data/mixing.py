@@ -33,37 +33,18 @@ def round_robin_cycle(weights: Mapping[str, int]) -> list[str]:
     return [name for _, _, name in sorted(slots)]
 
 
-class MixedDataset(Dataset):
-    """``num_samples`` samples drawn from per-source example lists, by round robin or by probability.
-
-    With ``step_size`` (the global batch), every sample also carries ``step_label_tokens``: the number of label
-    tokens in its whole optimizer step (all micro batches, all ranks).
+class MixSchedule:
+    """Which source each sample of the stream comes from, and how many times that source was drawn before it.
 
     ``mode="round_robin"`` (BiLLa): integer weights, exact ratios in every cycle. ``mode="probability"``: each sample's
-    source is drawn with probability proportional to its weight (a seeded draw for the whole stream, so the stream
-    is still a pure function of the sample index: sharding and exact resume work the same).
+    source is drawn with probability proportional to its weight (a seeded draw for the whole stream). Either way a
+    pure function of the sample index, independent of the sources' contents.
     """
 
-    def __init__(
-        self,
-        sources: Mapping[str, Sequence],
-        weights: Mapping[str, float],
-        num_samples: int,
-        seed: int,
-        mode: str = "round_robin",
-        step_size: int | None = None,
-    ):
-        empty = [name for name in weights if not sources.get(name)]
-        if empty:
-            raise ValueError(f"sources {empty} have no usable examples; every source in data.mix needs at least one")
+    def __init__(self, weights: Mapping[str, float], num_samples: int, seed: int, mode: str = "round_robin"):
         if mode not in ("round_robin", "probability"):
             raise ValueError(f"data.mix_mode={mode!r}: expected round_robin or probability")
-        self.sources = sources
-        self.weights = dict(weights)
-        self.mode = mode
-        self.num_samples = num_samples
-        self.seed = seed
-        self.step_size = step_size
+        self.weights, self.num_samples, self.mode = dict(weights), num_samples, mode
         if mode == "round_robin":
             self.cycle = round_robin_cycle(self.weights)
             # occurrence of each slot's source before it in the cycle: slot -> k-th time this source appears
@@ -78,6 +59,53 @@ class MixedDataset(Dataset):
             for k in range(len(names)):
                 where = np.nonzero(draw == k)[0]
                 self._occurrence[where] = np.arange(len(where))
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(source name, occurrence): sample ``index`` is the ``occurrence``-th sample drawn from that source."""
+        if self.mode == "probability":
+            return self._names[self._source_of[index]], int(self._occurrence[index])
+        cycle_no, slot = divmod(index, len(self.cycle))
+        name = self.cycle[slot]
+        return name, cycle_no * self.weights[name] + self._rank_in_cycle[slot]
+
+    def occurrences(self, name: str, n: int) -> int:
+        """How many of the first ``n`` samples come from ``name``."""
+        if self.mode == "probability":
+            n = min(n, self.num_samples)
+            return int(np.count_nonzero(self._source_of[:n] == self._names.index(name)))
+        full, rest = divmod(n, len(self.cycle))
+        return full * int(self.weights[name]) + self.cycle[:rest].count(name)
+
+
+class MixedDataset(Dataset):
+    """``num_samples`` samples drawn from per-source example lists, by round robin or by probability (``MixSchedule``).
+
+    With ``step_size`` (the global batch), every sample also carries ``step_label_tokens``: the number of label
+    tokens in its whole optimizer step (all micro batches, all ranks).
+
+    A source is a ``StreamSource`` (read in file order: the ``k``-th draw is its ``k``-th row, ``data.stream``) or a
+    tokenised list read in a seeded permutation that is redrawn each time the source is exhausted.
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, Sequence],
+        weights: Mapping[str, float],
+        num_samples: int,
+        seed: int,
+        mode: str = "round_robin",
+        step_size: int | None = None,
+    ):
+        empty = [name for name in weights if not hasattr(sources.get(name), "at") and not sources.get(name)]
+        if empty:
+            raise ValueError(f"sources {empty} have no usable examples; every source in data.mix needs at least one")
+        self.schedule = MixSchedule(weights, num_samples, seed, mode)
+        self.sources = sources
+        self.weights = dict(weights)
+        self.mode = mode
+        self.num_samples = num_samples
+        self.seed = seed
+        self.step_size = step_size
 
     def __len__(self) -> int:
         return self.num_samples
@@ -94,19 +122,19 @@ class MixedDataset(Dataset):
 
     def locate_visit(self, index: int) -> tuple[str, int, int]:
         """(source name, example index, visit) of stream sample ``index``; visit = how many times the source was
-        exhausted before (its epoch), so a record's random choices are redrawn on every pass over its source."""
-        if self.mode == "probability":
-            name, occurrence = self._names[self._source_of[index]], int(self._occurrence[index])
-        else:
-            cycle_no, slot = divmod(index, len(self.cycle))
-            name = self.cycle[slot]
-            occurrence = cycle_no * self.weights[name] + self._rank_in_cycle[slot]
+        exhausted before (its epoch), so a record's random choices are redrawn on every pass over its source. For a
+        stream source the example index is the row of this stage's stream (its epoch is found in the stream)."""
+        name, occurrence = self.schedule.locate(index)
+        if hasattr(self.sources[name], "at"):
+            return name, occurrence, 0
         epoch, within = divmod(occurrence, len(self.sources[name]))
         return name, int(self._permutation(name, epoch)[within]), int(epoch)
 
     def _sample(self, index: int) -> dict:
         name, example_index, visit = self.locate_visit(index)
         source = self.sources[name]
+        if hasattr(source, "at"):  # a StreamSource: its own epochs and per-visit draws
+            return {**source.at(example_index), "source": name}
         if hasattr(source, "example"):  # a VariantSource: the record's random choices are drawn for this visit
             return {**source.example(example_index, visit), "source": name}
         example = source[example_index]

@@ -21,7 +21,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -499,12 +499,18 @@ def read_piece(
     """``read_records`` for one piece of one file (``plan_pieces``; ``Piece(path, 0, "file")`` is the whole file)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: expected raise or skip")
-    kind, parse = record_kind(fmt), READERS[fmt][1]
     stats = stats if stats is not None else ReadStats()
-    path = piece.path
     if piece.index == 0:
-        stats.files.append(path)
-    for line, raw in _raw_records(path, piece):
+        stats.files.append(piece.path)
+    yield from parse_records(_raw_records(piece.path, piece), piece.path, fmt, stats, on_error, **options)
+
+
+def parse_records(
+    items: Iterable[tuple[int, object]], path: str, fmt: str, stats: ReadStats, on_error: str = "raise", **options
+) -> Iterator[Record]:
+    """Records of ``fmt`` from (line, parsed JSON value or DataFormatError) pairs of one file (``read_piece``)."""
+    kind, parse = record_kind(fmt), READERS[fmt][1]
+    for line, raw in items:
         where = f"{path}:{line}"
         try:
             if isinstance(raw, DataFormatError):

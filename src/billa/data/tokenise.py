@@ -54,7 +54,7 @@ def tokenizer_spec(tokenizer) -> dict:
     Fast tokenizers travel as their backend's JSON (``tokenizer(texts, add_special_tokens=False)`` is that backend's
     ``encode_batch``); a tokenizer without one travels as its directory and is loaded with transformers.
     """
-    spec = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id}
+    spec = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer)}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return {**spec, "json": backend.to_str()}
@@ -66,6 +66,7 @@ class _Worker:
 
     def __init__(self, spec: dict, prompts: dict[str, list[str]]):
         self.bos_id, self.eos_id, self.prompts = spec["bos_id"], spec["eos_id"], prompts
+        self.vocab_size = spec.get("vocab_size", 1 << 32)
         if "json" in spec:
             from tokenizers import Tokenizer
 
@@ -190,12 +191,17 @@ def tmp_suffix() -> str:
 
 
 def run_task(task: tuple):
-    """``("plan", path, piece_bytes)`` -> pieces; ``("piece", piece, settings, out)`` -> ``tokenize_piece``'s dict."""
+    """``("plan", path, piece_bytes)`` -> pieces; ``("piece", piece, settings, out)`` -> ``tokenize_piece``'s dict;
+    ``("stream", path, settings, out_dir, piece_bytes, start_line)`` -> ``stream.tokenise_file``'s dict."""
     kind, *args = task
     if kind == "plan":
         return plan_pieces(*args)
     if kind == "piece":
         return tokenize_piece(*args)
+    if kind == "stream":
+        from billa.data.stream import tokenise_file
+
+        return tokenise_file(*args, worker=_STATE["worker"])
     raise ValueError(f"unknown tokenisation task {kind!r}")
 
 
@@ -245,7 +251,7 @@ class InProcess:
     def submit(self, task: tuple) -> None:
         self.queue.append(task)
 
-    def next_result(self) -> tuple[tuple, object] | None:
+    def next_result(self, timeout: float | None = None) -> tuple[tuple, object] | None:
         """(task, result) of the next task; None when none is left."""
         if not self.queue:
             return None
@@ -298,11 +304,14 @@ class WorkerPool(InProcess):
         else:
             self.queue.append(task)
 
-    def next_result(self) -> tuple[tuple, object] | None:
+    def next_result(self, timeout: float | None = None) -> tuple[tuple, object] | None:
+        """(task, result) of the next finished task; None when none is busy, or none finished within ``timeout``."""
         from multiprocessing.connection import wait
 
         while self.busy:
-            ready = wait([w.stdout for w in self.busy])
+            ready = wait([w.stdout for w in self.busy], timeout)
+            if not ready:
+                return None
             worker = next(w for w in self.busy if w.stdout in ready)
             task = self.busy.pop(worker)
             try:
@@ -313,6 +322,7 @@ class WorkerPool(InProcess):
                     "init": "starting (its error output is above)",
                     "plan": f"planning the pieces of {task[1]}",
                     "piece": f"tokenising {getattr(task[1], 'path', '')} (piece {getattr(task[1], 'index', '')})",
+                    "stream": f"tokenising {task[1]}",
                 }[task[0]]
                 raise RuntimeError(
                     f"a tokenisation worker died (exit code {code}; -9 is SIGKILL, often out of memory) while {what}"
@@ -321,6 +331,7 @@ class WorkerPool(InProcess):
                 err, trace = reply
                 if hasattr(err, "add_note"):
                     err.add_note(f"in tokenisation worker {worker.pid}:\n{trace}")
+                err.billa_task = task
                 raise err
             if self.queue:
                 self._assign(worker, self.queue.popleft())
