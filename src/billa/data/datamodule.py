@@ -289,7 +289,9 @@ class BillaDataModule(L.LightningDataModule):
 
             sources = {name: self._stream(name) for name in self.mix if self.streamed(name)}
             if sources:
-                self.feeder = Feeder(sources, need, self._position, self._spec, self.prompts, self.num_proc).start()
+                self.feeder = Feeder(
+                    sources, need, self._position, self._spec, self.prompts, self.num_proc, self.num_samples
+                ).start()
         return self.feeder
 
     def _wait_for_streams(self, samples: int = 0) -> None:
@@ -305,6 +307,8 @@ class BillaDataModule(L.LightningDataModule):
             while source.locate(row, block=False) is None:
                 if self.feeder.error is not None:
                     raise self.feeder.error
+                if not self.feeder.alive():
+                    source.locate(row)  # the feeder finished: the rows are there (or a failure is raised)
                 time.sleep(0.05)
             self.stats[f"{name}/train"] = source.stats()
 
@@ -394,7 +398,7 @@ class BillaDataModule(L.LightningDataModule):
             if trainer.node_rank > 0 and trainer.local_rank == 0:
                 self.prepare_data()
             trainer.strategy.barrier("billa-node-token-cache")
-        if trainer is not None and trainer.local_rank == 0:
+        if trainer is not None and getattr(trainer, "local_rank", 0) == 0:
             self.start_feeder()  # every node tokenises ahead (a shared cache: the file claims keep them apart)
         train = {name: self._stream(name) if self.streamed(name) else self._tokenized(name, "train") for name in self.mix}
         self.train_set = MixedDataset(

@@ -519,18 +519,18 @@ def _before(marker: dict, line: int) -> bool:
 class Feeder:
     """Keeps every stream source tokenised one file ahead of its readers, on ``num_proc`` worker processes.
 
-    ``position()`` returns the stage's consumed samples (the trainer's step x global batch); ``need(name, samples)``
+    ``position()`` returns the stage's consumed samples (up to ``total``, the stage's length) (the trainer's step x global batch); ``need(name, samples)``
     maps that to the source's stream row. The feeder walks its own ``StreamSource`` copies to that row and makes sure
     the file holding it and the next file are tokenised (or being tokenised, here or by another process that holds
     the file's claim). Errors of a worker are written to the file's ``failed.json``, which every reader raises.
     """
 
     def __init__(self, sources: dict[str, StreamSource], need, position, spec, prompts, num_proc: int,
-                 piece_bytes: int = PIECE_BYTES, ahead_files: int = 1):
+                 total: int, piece_bytes: int = PIECE_BYTES, ahead_files: int = 1):
         self.sources, self.need, self.position = sources, need, position
         for source in sources.values():
             source.feeding = True
-        self.spec, self.prompts = spec, prompts
+        self.spec, self.prompts, self.total = spec, prompts, total
         self.num_proc, self.piece_bytes, self.ahead_files = max(1, num_proc), piece_bytes, ahead_files
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -542,6 +542,9 @@ class Feeder:
         self._thread = threading.Thread(target=self._run, name="billa-feeder", daemon=True)
         self._thread.start()
         return self
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
@@ -565,6 +568,10 @@ class Feeder:
             for e, f in source.wanted():  # a reader further ahead than the trainer (prefetching, inspect)
                 wanted.append((-1, name, f, source.start[1] if e == 0 and f == source.start[0] else 1))
         return sorted(wanted, key=lambda w: w[0])
+
+    def _finished(self) -> bool:
+        """Whether every source has its rows for the stage's last sample (the feeder's work is done)."""
+        return all(s.locate(self.need(n, self.total), block=False) is not None for n, s in self.sources.items())
 
     def _claim(self, source: StreamSource, file_index: int) -> Path | None:
         """This process's claim on a file, or None when another live process holds it."""
@@ -623,6 +630,9 @@ class Feeder:
                         self._inflight[(name, file_index)] = claim
                         busy += 1
                     self._collect(pool, timeout=0.2 if self._inflight else 0.5)
+                    if not self._inflight and self._finished():
+                        log.info("Stream sources: everything this stage reads is tokenised")
+                        return
         except BaseException as err:  # noqa: BLE001 - handed to the readers through failed.json and self.error
             self.error = err
             log.error("Tokenisation stopped: %s", err)
