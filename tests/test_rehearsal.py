@@ -202,18 +202,54 @@ def test_rehearsal_billa_repo_every_stage_with_kill_and_resume(corpus, cache_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "sft"])  # task_mix on data=billa: its stage-2 slice ("10017:" of
-# WuDao's parts) selects no file of a small corpus; the change that makes it configurable is another issue point
-def test_rehearsal_data_billa(stage, corpus, cache_dir, tmp_path):
-    """Bug caught: data=billa not reading the corpora's distributed forms (PILE's .jsonl.zst shards and val, WuDao's
-    part files, Code Alpaca's JSON array) under the 7B configuration, or its export differing from the model."""
-    result = run_door(
-        *_train(tmp_path, cache_dir, f"stage={stage}", "data=billa", f"data.root={corpus / 'billa'}"),
-        "trainer.max_steps=1",
-        "scheduler.warmup_steps=0",
-        env=_env(cache_dir),
-        timeout=600,
+def test_rehearsal_data_billa_stage_two_continues_stage_one_after_a_kill(corpus, cache_dir, tmp_path):
+    """Stage 1 on data=billa (PILE's .jsonl.zst shards, WuDao's part files) under the 7B configuration on 2 ranks,
+    killed with SIGKILL after its first checkpoint and resumed; stage 2 from its export; stage 3 from stage 2's.
+
+    Bug caught: data=billa not reading the corpora's distributed forms, a data state that counts only the samples
+    since the resume (or one rank's share), stage 2 replaying stage 1's text or skipping records (it must start at
+    the record right after stage 1's last, in file order), or an export that differs from the model."""
+    from billa.data.readers import read_records
+
+    env, root = _env(cache_dir), f"data.root={corpus / 'billa'}"
+    pretrain, task_mix, sft = tmp_path / "pretrain", tmp_path / "task_mix", tmp_path / "sft"
+    args = _train(pretrain, cache_dir, "stage=pretrain", "data=billa", root)
+    _kill_after_first_checkpoint(args, env, pretrain)
+    _check(run_door(*args, "resume=auto", env=env, timeout=600))
+    _export_check(pretrain)
+    state1 = json.loads((pretrain / "hf" / "billa_data_state.json").read_text())
+    assert state1["samples"] == 2 * 160  # both steps, the one before the kill included
+    assert {n: s["records_read"] for n, s in state1["sources"].items()} == {"zh": 128, "en": 128, "translate": 64}
+    one_step = ("trainer.max_steps=1", "scheduler.warmup_steps=0")
+    _check(
+        run_door(
+            *_train(
+                task_mix, cache_dir, "stage=task_mix", "data=billa", root, f"init_from={pretrain / 'hf'}", *one_step
+            ),
+            env=env,
+            timeout=600,
+        )
     )
-    _check(result)
-    assert set(_losses(tmp_path)) == {0}
-    _export_check(tmp_path)
+    _export_check(task_mix)
+    state2 = json.loads((task_mix / "hf" / "billa_data_state.json").read_text())
+    cfg = compose_train(["data=billa", f"data.root={corpus / 'billa'}"])
+    for name, read in {"zh": 32, "en": 32, "translate": 16}.items():  # stage 2's 160 samples: 4:4:2 of half
+        spec = cfg.data.sources[name]
+        options = {"pile_sets": list(spec.pile_sets)} if "pile_sets" in spec else {}
+        order = [
+            (Path(f).name, r.line)
+            for f in expand_paths(list(spec.train) if not isinstance(spec.train, str) else spec.train, name)
+            for r in read_records(f, spec.format, name, **options)
+        ]
+        first = order.index((state1["sources"][name]["file"], state1["sources"][name]["after_line"])) + 1
+        assert state2["sources"][name]["records_read"] == read
+        assert (state2["sources"][name]["file"], state2["sources"][name]["after_line"]) == order[first + read - 1]
+    _check(
+        run_door(
+            *_train(sft, cache_dir, "stage=sft", "data=billa", root, f"init_from={task_mix / 'hf'}", *one_step),
+            env=env,
+            timeout=600,
+        )
+    )
+    assert set(_losses(sft)) == {0}
+    _export_check(sft)

@@ -103,8 +103,9 @@ def test_pieces_take_at_most_2_5_bytes_a_token(sample_corpus, worker, tmp_path):
         ("translate", "translation", "translation", "translation/train/00000.jsonl"),
     ):
         settings = _settings(name, fmt, objective, max_len=1024)
-        source = StreamSource(name, [str(sample_corpus / rel)], settings, tmp_path / name, (0, 1), prompts,
-                              work.bos_id, work.eos_id)
+        source = StreamSource(
+            name, [str(sample_corpus / rel)], settings, tmp_path / name, (0, 1), prompts, work.bos_id, work.eos_id
+        )
         tokenise_file(str(sample_corpus / rel), settings, str(source.file_dir(0)), worker=work)
         cache_bytes = sum(p.stat().st_size for p in source.file_dir(0).glob("*.arrow"))
         rows = json.loads((source.file_dir(0) / "00000.json").read_text())["rows"]
@@ -122,8 +123,12 @@ def make_datamodule(sample_corpus, sample_tokenizer_dir, tmp_path):
     specs = {
         "zh": {"kind": "text", "format": "wudao", "train": str(sample_corpus / "wudao/train"), "val": None},
         "en": {"kind": "text", "format": "pile", "train": str(sample_corpus / "pile/train"), "val": None},
-        "translate": {"kind": "translation", "format": "translation",
-                      "train": str(sample_corpus / "translation/train"), "val": None},
+        "translate": {
+            "kind": "translation",
+            "format": "translation",
+            "train": str(sample_corpus / "translation/train"),
+            "val": None,
+        },
     }
 
     def make(rank: int, steps: int, streams_from=None, extra_newline=False, global_step=0) -> BillaDataModule:
@@ -141,8 +146,9 @@ def make_datamodule(sample_corpus, sample_tokenizer_dir, tmp_path):
             translation_extra_newline=extra_newline,
             streams_from=streams_from,
         )
-        dm.trainer = SimpleNamespace(global_step=global_step, global_rank=rank, world_size=2, num_nodes=1,
-                                     local_rank=rank)
+        dm.trainer = SimpleNamespace(
+            global_step=global_step, global_rank=rank, world_size=2, num_nodes=1, local_rank=rank
+        )
         if rank == 0:
             dm.prepare_data()
         dm.setup("fit")
@@ -205,8 +211,11 @@ def test_a_state_that_does_not_fit_the_corpus_stops_before_any_work(make_datamod
     source's key and the way out."""
     path = tmp_path / "billa_data_state.json"
     path.write_text(json.dumps({"sources": {"zh": {"file": "10017.jsonl", "after_line": 3, "epoch": 0}}}))
-    with pytest.raises(ConfigError, match=r"billa_data_state.json.*'zh'.*10017.jsonl.*data.sources.zh.train.*"
-                                          r"data.streams_from=null"):
+    with pytest.raises(
+        ConfigError,
+        match=r"billa_data_state.json.*'zh'.*10017.jsonl.*data.sources.zh.train.*"
+        r"data.streams_from=null",
+    ):
         make_datamodule(0, steps=1, streams_from=str(path))
     with pytest.raises(ConfigError, match="data.streams_from=.*no such file"):
         make_datamodule(0, steps=1, streams_from=str(tmp_path / "missing.json"))
@@ -224,3 +233,36 @@ def test_stage_reads_only_the_files_it_needs(make_datamodule, sample_corpus, tmp
         assert len(stream.files) == 10 and 1 <= len(done) <= 3, (name, done)
     dm.teardown()
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+BAD = Path(__file__).parent / "fixtures" / "bad_input"
+
+
+@pytest.mark.parametrize(
+    "name,message,kept",
+    [
+        ("non_utf8.jsonl.zst", r"2: not valid UTF-8", 2),
+        ("gzip_renamed.jsonl.zst", r"1: corrupt zstd stream \(.*\): it is a gzip file, not zstd", 0),
+        ("truncated.jsonl.zst", r"1688: corrupt zstd stream \(Truncated compressed stream\); 1687 lines", 1687),
+        ("malformed.jsonl", r"2: not valid JSON", 2),
+    ],
+)
+def test_a_bad_stream_file_names_file_and_line_and_skip_keeps_the_rest(name, message, kept, worker, tmp_path):
+    """The streaming tokeniser reads files itself (once, front to back), so it must report damage as the readers do.
+
+    Bug caught: a bare OSError from a damaged or mislabelled zstd stream inside a worker, the lines before the damage
+    thrown away, or data.on_error=skip not skipping."""
+    import re
+
+    from billa.data.readers import DataFormatError
+
+    work, prompts = worker
+    path = str(BAD / name)
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:") + message):
+        tokenise_file(path, _settings("en", "pile", "causal_lm"), str(tmp_path / "raise"), worker=work)
+    settings = ObjectiveSettings("en", "pile", "causal_lm", MAX_LEN, 5, False, on_error="skip")
+    source = StreamSource("en", [path], settings, tmp_path / "skip", (0, 1), prompts, work.bos_id, work.eos_id)
+    tokenise_file(path, settings, str(source.file_dir(0)), piece_bytes=1 << 16, worker=work)
+    markers = [json.loads(p.read_text()) for p in sorted(source.file_dir(0).glob("0*.json"))]
+    assert sum(m["rows"] for m in markers) == kept
+    assert sum(m["stats"]["skipped_malformed"] for m in markers) == 1

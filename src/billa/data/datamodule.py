@@ -141,7 +141,7 @@ class BillaDataModule(L.LightningDataModule):
         self.root = root
         self.streams_from = streams_from
         self.init_from = init_from
-        self.streams: dict[str, StreamSource] = {}
+        self._prefetch_to = 0  # prepare_only: tokenise up to the stage's last sample
         self.feeder: Feeder | None = None
         self.train_set: MixedDataset | None = None
         self.val_set: list[dict] | None = None
@@ -276,7 +276,7 @@ class BillaDataModule(L.LightningDataModule):
         """Samples the stage has consumed: what the feeder keeps the tokenisation ahead of."""
         trainer = self.trainer
         step = trainer.global_step if trainer is not None else 0
-        return max(step * self.global_batch_size, self.resume_samples)
+        return max(step * self.global_batch_size, self.resume_samples, self._prefetch_to)
 
     def start_feeder(self) -> Feeder:
         """Start tokenising the stream sources ahead of the trainer (one feeder per node's first process)."""
@@ -384,6 +384,7 @@ class BillaDataModule(L.LightningDataModule):
     def prepare_stage(self) -> None:
         """``prepare_only=true``: tokenise everything the stage reads (the stream sources up to the stage's last
         sample), then stop."""
+        self._prefetch_to = self.num_samples
         self.prepare_data()
         self._wait_for_streams(self.num_samples)
         self.teardown()
@@ -400,7 +401,9 @@ class BillaDataModule(L.LightningDataModule):
             trainer.strategy.barrier("billa-node-token-cache")
         if trainer is not None and getattr(trainer, "local_rank", 0) == 0:
             self.start_feeder()  # every node tokenises ahead (a shared cache: the file claims keep them apart)
-        train = {name: self._stream(name) if self.streamed(name) else self._tokenized(name, "train") for name in self.mix}
+        train = {
+            name: self._stream(name) if self.streamed(name) else self._tokenized(name, "train") for name in self.mix
+        }
         self.train_set = MixedDataset(
             train, self.mix, self.num_samples, self.seed, self.mix_mode, step_size=self.global_batch_size
         )

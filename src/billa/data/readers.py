@@ -144,17 +144,19 @@ def _zst_lines(path: str, start: int = 1, stop: int | None = None) -> Iterator[t
             for last, value in _json_lines(lines, path, first=start):
                 yield last, value
     except OSError as err:
-        with open(path, "rb") as raw:
-            head = raw.read(6)
-        kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
-        hint = f": it is a {kind} file, not zstd" if kind else ""
-        yield (
-            last + 1,
-            DataFormatError(
-                f"{path}:{last + 1}: corrupt zstd stream ({err}){hint}; {last} lines were read before the damage, "
-                "the rest of the file is lost"
-            ),
-        )
+        yield last + 1, zst_damage(path, last, err)
+
+
+def zst_damage(path: str, last: int, err: OSError) -> DataFormatError:
+    """The error of a ``.zst`` file that stops decompressing after line ``last`` (naming what it is, when known)."""
+    with open(path, "rb") as raw:
+        head = raw.read(6)
+    kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    hint = f": it is a {kind} file, not zstd" if kind else ""
+    return DataFormatError(
+        f"{path}:{last + 1}: corrupt zstd stream ({err}){hint}; {last} lines were read before the damage, "
+        "the rest of the file is lost"
+    )
 
 
 def _hub_rows(spec: str) -> Iterator[tuple[int, object]]:

@@ -72,7 +72,7 @@ def file_pieces(path: str, piece_bytes: int = PIECE_BYTES):
     """
     import io
 
-    from billa.data.readers import _json_lines, _raw_records
+    from billa.data.readers import _json_lines, _raw_records, zst_damage
 
     if not path.endswith(LINE_FILES):
         yield 0, 1, None, _raw_records(path)
@@ -93,10 +93,7 @@ def file_pieces(path: str, piece_bytes: int = PIECE_BYTES):
                     yield index, first, line + 1, _json_lines(lines, path, first)
                     index, first, taken, lines = index + 1, line + 1, 0, []
         except OSError as err:
-            damage = DataFormatError(
-                f"{path}:{line + 1}: corrupt zstd stream ({err}); {line} lines were read before the damage, "
-                "the rest of the file is lost"
-            )
+            damage = zst_damage(path, line, err)
             yield index, first, line + 2, itertools.chain(_json_lines(lines, path, first), [(line + 1, damage)])
             return
     if lines or index == 0:
@@ -519,14 +516,25 @@ def _before(marker: dict, line: int) -> bool:
 class Feeder:
     """Keeps every stream source tokenised one file ahead of its readers, on ``num_proc`` worker processes.
 
-    ``position()`` returns the stage's consumed samples (up to ``total``, the stage's length) (the trainer's step x global batch); ``need(name, samples)``
+    ``position()`` returns the stage's consumed samples (the trainer's step x global batch; ``total`` is the stage's
+    length); ``need(name, samples)``
     maps that to the source's stream row. The feeder walks its own ``StreamSource`` copies to that row and makes sure
     the file holding it and the next file are tokenised (or being tokenised, here or by another process that holds
     the file's claim). Errors of a worker are written to the file's ``failed.json``, which every reader raises.
     """
 
-    def __init__(self, sources: dict[str, StreamSource], need, position, spec, prompts, num_proc: int,
-                 total: int, piece_bytes: int = PIECE_BYTES, ahead_files: int = 1):
+    def __init__(
+        self,
+        sources: dict[str, StreamSource],
+        need,
+        position,
+        spec,
+        prompts,
+        num_proc: int,
+        total: int,
+        piece_bytes: int = PIECE_BYTES,
+        ahead_files: int = 1,
+    ):
         self.sources, self.need, self.position = sources, need, position
         for source in sources.values():
             source.feeding = True
@@ -552,8 +560,8 @@ class Feeder:
             self._thread.join(timeout=30)
 
     def _wanted(self) -> list[tuple[int, str, int, int]]:
-        """(stream row, source, file index, start line) of every file to tokenise now, most urgent first: the file
-        holding each source's next needed row and the ``ahead_files`` after it."""
+        """(urgency, source, file index, start line) of every file to tokenise now, most urgent first: files a reader
+        waits for (-1), the file holding each source's next needed row (0) and the ``ahead_files`` after it."""
         samples = self.position()
         wanted = []
         for name, source in self.sources.items():
@@ -564,10 +572,10 @@ class Feeder:
                 e, f = divmod(file_index + ahead, len(source.files))
                 e += epoch
                 first = source.start[1] if e == 0 and f == source.start[0] else 1
-                wanted.append((q + ahead, name, f, first))
+                wanted.append((ahead, name, f, first))
             for e, f in source.wanted():  # a reader further ahead than the trainer (prefetching, inspect)
                 wanted.append((-1, name, f, source.start[1] if e == 0 and f == source.start[0] else 1))
-        return sorted(wanted, key=lambda w: w[0])
+        return sorted(wanted, key=lambda w: w[0])  # waited for, then the files being read, then the next ones
 
     def _finished(self) -> bool:
         """Whether every source has its rows for the stage's last sample (the feeder's work is done)."""
@@ -624,8 +632,14 @@ class Feeder:
                         if claim is None:
                             continue
                         path = source.files[file_index]
-                        task = ("stream", path, source.settings, str(source.file_dir(file_index)), self.piece_bytes,
-                                first)
+                        task = (
+                            "stream",
+                            path,
+                            source.settings,
+                            str(source.file_dir(file_index)),
+                            self.piece_bytes,
+                            first,
+                        )
                         pool.submit(task)
                         self._inflight[(name, file_index)] = claim
                         busy += 1
@@ -648,11 +662,14 @@ class Feeder:
             done = pool.next_result(timeout=timeout)
         except Exception as err:
             task = getattr(err, "billa_task", None)
-            for (name, file_index), claim in list(self._inflight.items()):
+            for name, file_index in list(self._inflight):
                 source = self.sources[name]
                 if task is None or source.files[file_index] == task[1]:
-                    _write_json(source.file_dir(file_index) / "failed.json", {"error": str(err).split("\n")[0]},
-                                f".tmp-{self._host}")
+                    _write_json(
+                        source.file_dir(file_index) / "failed.json",
+                        {"error": str(err).split("\n")[0]},
+                        f".tmp-{self._host}",
+                    )
             raise
         if done is None:
             return
