@@ -156,45 +156,35 @@ def test_task_record_becomes_a_dialogue_with_its_prompt(sp, ctx):
     }  # pre and post placement both drawn; the prompt ends in the space after "Assistant:"
 
 
-def _lm_files_and_texts(cfg) -> dict[str, tuple[list[str], set[str]]]:
+SLICES = ("+data.sources.zh.slices={stage1: '0:8', stage2: '8:'}",)  # slices are an option of every data config
+
+
+def test_slices_still_select_each_stages_files(cache_dir, sample_tokenizer_dir):
+    """With ``slices`` set (BiLLa's per-stage file starts, as data=billa_repo has them), each stage's stream reads
+    only its slice; without them both stages see every file and stage 2 continues stage 1's stream instead.
+
+    Bug caught: the slice computed but not used by the stream (stage 2 reading stage 1's files), or slices still
+    required by data=sample after streams made them unnecessary."""
     from hydra.utils import instantiate
 
-    datamodule = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
-    datamodule.build()
-    out = {}
-    for name in ("zh", "en", "translate"):
-        files = datamodule.files(name, "train")
-        fmt = cfg.data.sources[name].format
-        texts = {json.dumps(r.fields, sort_keys=True) for f in files for r in read_records(f, fmt, name)}
-        out[name] = (files, texts)
-    return out
+    def datamodule(stage: str, *extra: str):
+        cfg = compose_train(
+            [f"stage={stage}", "trainer.max_steps=2", "scheduler.warmup_steps=1", *extra], cache=cache_dir
+        )
+        dm = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
 
-
-def test_stage_2_never_replays_stage_1_language_model_data(cache_dir, sample_tokenizer_dir):
-    """Catches stage 2 reading the LM files stage 1 trained on (BiLLa's stage 2 started at later files)."""
-    stage1 = _lm_files_and_texts(compose_train(["stage=pretrain"], cache=cache_dir))
-    stage2 = _lm_files_and_texts(compose_train(["stage=task_mix"], cache=cache_dir))
-    for name in ("zh", "en", "translate"):
-        files1, texts1 = stage1[name]
-        files2, texts2 = stage2[name]
-        assert files1 and files2 and not set(files1) & set(files2), name
-        assert texts1 and texts2 and not texts1 & texts2, name  # no record text of stage 1 reappears
-        assert len(files1) == 8 and len(files2) == 2  # the sample's slices: shards 0-7 and 8-9
-
-
-def test_stage_2_trains_on_its_slice(cache_dir, sample_tokenizer_dir):
-    """Catches the slice being computed but not used: the tokenised stage-2 stream holds exactly its slice's records."""
-    from hydra.utils import instantiate
-
-    cfg = compose_train(["stage=task_mix", "trainer.max_steps=2", "scheduler.warmup_steps=1"], cache=cache_dir)
-    datamodule = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    files = datamodule.files("zh", "train")
-    records = sum(1 for f in files for _ in read_records(f, "wudao", "zh"))
-    assert datamodule.stats["zh/train"]["records"] == records
-    assert len(datamodule.train_set.sources["zh"]) == datamodule.stats["zh/train"]["examples"] <= records
-    assert set(datamodule.train_set.sources) == set(cfg.data.mix)
+    for stage, first, count in (("pretrain", "00000.json", 8), ("task_mix", "00008.json", 2)):
+        dm = datamodule(stage, *SLICES)
+        stream = dm.train_set.sources["zh"]
+        assert [Path(f).name for f in stream.files][0] == first and len(stream.files) == count
+        assert {stream.record_id(q)[0] for q in range(40)} <= {Path(f).name for f in stream.files}
+        dm.teardown()
+    dm = datamodule("task_mix")
+    assert len(dm.train_set.sources["zh"].files) == 10 and dm.train_set.sources["zh"].start == (0, 1)
+    dm.teardown()
 
 
 def test_a_slice_past_the_last_file_names_the_key(cache_dir, sample_tokenizer_dir):
@@ -202,7 +192,7 @@ def test_a_slice_past_the_last_file_names_the_key(cache_dir, sample_tokenizer_di
 
     from billa.config import ConfigError
 
-    cfg = compose_train(["stage=task_mix", "data.sources.zh.slices.stage2=40:"], cache=cache_dir)
+    cfg = compose_train(["stage=task_mix", "+data.sources.zh.slices={stage2: '40:'}"], cache=cache_dir)
     datamodule = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
     datamodule.build()
     with pytest.raises(ConfigError, match=r"data.sources.zh.slices.stage2='40:' selects no file.*has 10 files"):

@@ -499,12 +499,14 @@ class StreamSource:
         return Variants(tuple(e for _, e in pairs), tuple(w / total for w, _ in pairs))
 
     def stats(self) -> dict:
-        """Read counters of the pieces this process has seen so far (the stream is tokenised as it is read)."""
+        """Read counters of the distinct pieces this process has read so far (the stream is tokenised as it is read):
+        ``records`` read from them, ``examples`` made of them."""
         from billa.data.cache import sum_stats
 
         seen = [m["stats"] for m in self._markers.values()]
         totals = sum_stats(seen, examples_each=2, examples_kept=5)
-        totals.update(files=len(self.files), streamed=True, pieces_seen=len(seen), examples=self._rows)
+        rows = sum(m["rows"] for m in self._markers.values())
+        totals.update(files=len(self.files), streamed=True, pieces_seen=len(seen), examples=rows)
         return totals
 
 
