@@ -92,7 +92,15 @@ def test_data_billa_reads_piles_zst_shards_and_jsonl(corpus, tmp_path):
 
     from billa.train import stage_datamodule
 
-    cfg = compose_train(["data=billa", "model=llama-7b", "+experiment=rehearsal", f"data.root={corpus / 'billa'}"])
+    cfg = compose_train(
+        [
+            "data=billa",
+            "model=llama-7b",
+            "+experiment=rehearsal",
+            f"data.root={corpus / 'billa'}",
+            "trainer.max_steps=4",
+        ]
+    )  # 4 x 160 samples: en's stream reads all 30 shards
     datamodule = stage_datamodule(cfg, instantiate(cfg.model.tokenizer))
     files = [Path(f).name for f in datamodule.files("en", "train")]
     assert files == [f"{n:02d}.jsonl.zst" for n in range(30)]
@@ -102,7 +110,7 @@ def test_data_billa_reads_piles_zst_shards_and_jsonl(corpus, tmp_path):
     assert len(both) == 31 and sum(f.endswith("/30.jsonl") for f in both) == 1
     with pytest.raises(FileNotFoundError, match="no file matches any of"):
         expand_paths([str(tmp_path / "*.zst"), str(tmp_path / "*.parquet")], "data.sources.en.train")
-    datamodule.prepare_data()
+    datamodule.prepare_stage()  # tokenise what the stage reads
     stats = datamodule.stats["en/train"]
     assert (stats["records"], stats["filtered"]) == (210, 30)  # 30 shards x 8: "Wikipedia (en)" is not kept
 

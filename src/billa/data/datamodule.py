@@ -15,7 +15,16 @@ from billa.data.mixing import MixedDataset, MixSchedule, StreamSampler
 from billa.data.objectives import IGNORE, OBJECTIVES, load_prompts
 from billa.data.packing import MASK, packed_layout
 from billa.data.readers import expand_paths, record_kind
-from billa.data.stream import STATE_FILE, STREAM_FORMAT, STREAM_OBJECTIVES, Feeder, StreamSource, start_of, state_of
+from billa.data.stream import (
+    STATE_FILE,
+    STREAM_FORMAT,
+    STREAM_OBJECTIVES,
+    Feeder,
+    StreamSource,
+    start_of,
+    state_of,
+    tokenise_file,
+)
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger
 
@@ -236,6 +245,29 @@ class BillaDataModule(L.LightningDataModule):
             )
         return str(self.streams_from)
 
+    def _val_stream(self, name: str) -> StreamSource:
+        """The validation split of stream source ``name``: its first ``val_max_records`` usable records in file
+        order, tokenised now (in this process) as far as needed, never the whole split (PILE's val is 1.4 GB)."""
+        from billa.data.tokenise import _Worker, tokenizer_spec
+
+        files, settings = self.files(name, "val"), self._settings(name)
+        root = Path(self.token_cache_dir) / name / settings_key(settings, self.tokenizer_dir, self.prompts)
+        spec = tokenizer_spec(load_tokenizer(self.tokenizer_dir))
+        source = StreamSource(
+            name, files, settings, root / STREAM_FORMAT, (0, 1), self.prompts, spec["bos_id"], spec["eos_id"]
+        )
+        worker, rows = None, 0
+        for index, path in enumerate(files):
+            if rows >= self.val_max_records:
+                break
+            worker = worker or _Worker(spec, self.prompts)
+            wanted = self.val_max_records - rows
+            rows += tokenise_file(path, settings, str(source.file_dir(index)), worker=worker, max_rows=wanted)["rows"]
+        if rows == 0:
+            raise ValueError(f"data.sources.{name}.val: no usable examples in {self.sources[name]['val']}")
+        source.val_rows = min(rows, self.val_max_records)
+        return source
+
     def _stream(self, name: str) -> StreamSource:
         """Source ``name`` as a ``StreamSource``, starting where ``data.streams_from`` says."""
         import json
@@ -376,8 +408,10 @@ class BillaDataModule(L.LightningDataModule):
         if self.build is not None:
             self.build()
         for name, split in self._splits():
-            if split == "val" or not self.streamed(name):
+            if not self.streamed(name):
                 self._tokenized(name, split)
+            elif split == "val":
+                self._val_stream(name)
         self.start_feeder()
         self._wait_for_streams()
 
@@ -420,9 +454,14 @@ class BillaDataModule(L.LightningDataModule):
         self.val_set = []
         for name, split in self._splits():
             if split == "val":
-                val = self._tokenized(name, "val")
-                for index in range(min(len(val), self.val_max_records)):
-                    row = val.example(index, visit=0)
+                if self.streamed(name):
+                    val = self._val_stream(name)
+                    rows = [val.at(q) for q in range(val.val_rows)]
+                    self.stats[f"{name}/val"] = val.stats()
+                else:
+                    val = self._tokenized(name, "val")
+                    rows = [val.example(index, visit=0) for index in range(min(len(val), self.val_max_records))]
+                for row in rows:
                     chars = label_characters(tokenizer, row["labels"])
                     self.val_set.append({**row, "source": name, "label_chars": chars})
         return self.val_set

@@ -213,7 +213,6 @@ def _raw_records(path: str, piece: Piece | None = None) -> Iterator[tuple[int, o
 # ---- pieces: work split below the file level -----------------------------------------------------------------
 LINE_FILES = (".jsonl", ".txt")
 PIECE_BYTES = 1 << 22  # ~4 MiB of input per piece: a few seconds of tokenisation on one core
-ZST_MAX_PIECES = 16  # each piece of a .zst stream decompresses everything before it: bound the repeated work
 
 
 @dataclass(frozen=True)
@@ -221,8 +220,8 @@ class Piece:
     """A contiguous part of one input file, the unit of work of the tokenisation pass.
 
     ``unit`` says what ``start``/``stop`` count: ``bytes`` (offsets of whole lines in a ``.jsonl``/``.txt`` file),
-    ``lines`` (1-based line numbers of a ``.jsonl.zst`` stream, ``stop`` exclusive), ``row_groups`` (of a parquet
-    file) or ``file`` (the whole file: JSON arrays and ``hf://`` datasets). ``first_line`` numbers the piece's first
+    ``row_groups`` (of a parquet file) or ``file`` (the whole file: ``.jsonl.zst`` streams, JSON arrays and
+    ``hf://`` datasets). ``first_line`` numbers the piece's first
     record as the whole file would, so errors still name the file's line.
     """
 
@@ -240,16 +239,16 @@ def plan_pieces(path: str, piece_bytes: int = PIECE_BYTES) -> list[Piece]:
 
     The plan depends only on the file's bytes (never on the number of workers), so finished pieces of a killed pass
     are reused by the next one whatever its ``num_proc``. A ``.jsonl`` file is read once (counting lines); a
-    ``.jsonl.zst`` stream is decompressed once, and split into at most ``ZST_MAX_PIECES`` pieces (a piece cannot seek
-    in the stream: it decompresses the lines before it); parquet splits at row groups; JSON arrays and ``hf://``
-    datasets are one piece.
+    ``.jsonl.zst`` stream is one piece, decompressed once by one worker (a piece cannot seek in the stream: each
+    would decompress everything before it; stream sources, ``data.stream``, cut it into pieces as they read it);
+    parquet splits at row groups; JSON arrays and ``hf://`` datasets are one piece.
     """
     if path.startswith(HUB_PREFIX) or not path.endswith((*LINE_FILES, ".zst", ".parquet")):
         return [Piece(path, 0, "file", size=0 if path.startswith(HUB_PREFIX) else os.path.getsize(path))]
     if path.endswith(".parquet"):
         return _parquet_pieces(path, piece_bytes)
-    if path.endswith(".zst"):
-        return _zst_pieces(path, piece_bytes)
+    if path.endswith(".zst"):  # one worker decompresses it once, front to back (a piece cannot seek in the stream)
+        return [Piece(path, 0, "file", size=os.path.getsize(path))]
     pieces, offset, line = [], 0, 1
     with open(path, "rb") as handle:
         while block := handle.read(piece_bytes):
@@ -259,30 +258,6 @@ def plan_pieces(path: str, piece_bytes: int = PIECE_BYTES) -> list[Piece]:
             offset += len(block)
             line += block.count(b"\n")
     return pieces or [Piece(path, 0, "bytes", 0, 0, 1, 0)]
-
-
-def _zst_pieces(path: str, piece_bytes: int) -> list[Piece]:
-    import pyarrow as pa
-
-    size = os.path.getsize(path)
-    try:
-        lines, raw_bytes, last = 0, 0, b"\n"
-        with pa.input_stream(path, compression="zstd") as stream:
-            while block := stream.read(1 << 24):
-                lines += block.count(b"\n")
-                raw_bytes += len(block)
-                last = block[-1:]
-    except OSError:  # damaged stream: one piece, whose reader reports the damage with its line
-        return [Piece(path, 0, "file", size=size)]
-    lines += last != b"\n"  # a last line without its newline
-    count = max(1, min(ZST_MAX_PIECES, -(-raw_bytes // piece_bytes), lines))
-    bounds = [1 + lines * k // count for k in range(count + 1)]
-    return [
-        Piece(path, k, "lines", bounds[k], bounds[k + 1], bounds[k], size * (bounds[k + 1] - bounds[k]) // lines)
-        if lines
-        else Piece(path, k, "lines", 1, 1, 1, size)
-        for k in range(count)
-    ]
 
 
 def _parquet_pieces(path: str, piece_bytes: int) -> list[Piece]:

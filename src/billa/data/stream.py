@@ -176,14 +176,25 @@ def _schema(objective: str, wide: bool):
 
 
 def tokenise_file(
-    path: str, settings, out_dir: str, piece_bytes: int = PIECE_BYTES, start_line: int = 1, *, worker
+    path: str,
+    settings,
+    out_dir: str,
+    piece_bytes: int = PIECE_BYTES,
+    start_line: int = 1,
+    *,
+    worker,
+    max_rows: int | None = None,
 ) -> dict:
     """Tokenise one file into ``out_dir/NNNNN.arrow`` pieces, each with its marker ``NNNNN.json``; the worker task.
 
     Pieces that already have a tokenised marker are skipped (a resumed pass); pieces that end before ``start_line``
     get a marker without rows (the next stage's start file: the lines stage 1 read are not tokenised again). The
     file's ``done.json`` records its number of pieces once the last one is written. ``worker``: the process's
-    tokenizer and prompts (``tokenise._Worker``).
+    tokenizer and prompts (``tokenise._Worker``). ``max_rows``: stop after the piece that reaches this many rows
+    (a validation split's first records), leaving the rest of the file unread.
+
+    Returns:
+        ``{"file", "pieces", "rows"}``: pieces read, rows in them (tokenised now or before).
     """
     import pyarrow as pa
 
@@ -201,12 +212,15 @@ def tokenise_file(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     schema = _schema(settings.objective, worker.vocab_size > 65536)
-    count = 0
+    count = total = 0
     for index, first, stop, items in file_pieces(path, piece_bytes):
+        if max_rows is not None and total >= max_rows:
+            return {"file": path, "pieces": count, "rows": total}
         count = index + 1
         marker = out / f"{index:05d}.json"
         done = json.loads(marker.read_text()) if marker.is_file() else None
         if done is not None and (done["rows"] is not None or (stop is not None and stop <= start_line)):
+            total += done["rows"] or 0
             continue
         if stop is not None and stop <= start_line:
             _write_json(marker, {"first_line": first, "stop_line": stop, "rows": None}, tmp_suffix())
@@ -231,6 +245,7 @@ def tokenise_file(
                     rows += len(columns["line"])
                     writer.write_batch(pa.record_batch([pa.array(columns[f.name], f.type) for f in schema], schema))
         os.replace(tmp, out / f"{index:05d}.arrow")
+        total += rows
         _write_json(
             marker,
             {
@@ -250,7 +265,7 @@ def tokenise_file(
             tmp_suffix(),
         )
     _write_json(out / "done.json", {"pieces": count, "file": path}, tmp_suffix())
-    return {"file": path, "pieces": count}
+    return {"file": path, "pieces": count, "rows": total}
 
 
 def _explicit_against(columns: dict, middles: list, chunk_middles: list, ctx) -> list:
@@ -675,11 +690,21 @@ class Feeder:
             raise
         if done is None:
             return
-        task, _ = done
+        task, result = done
         for key, claim in list(self._inflight.items()):
             if self.sources[key[0]].files[key[1]] == task[1] and str(self.sources[key[0]].file_dir(key[1])) == task[3]:
                 claim.unlink(missing_ok=True)
                 del self._inflight[key]
+                source = self.sources[key[0]]
+                log.info(
+                    "tokenised %s: %s (file %d of %d, %d pieces, %d examples)",
+                    key[0],
+                    Path(task[1]).name,
+                    key[1] + 1,
+                    len(source.files),
+                    result["pieces"],
+                    result["rows"],
+                )
 
 
 def state_of(source: StreamSource, rows_read: int) -> dict:
