@@ -266,3 +266,20 @@ def test_a_bad_stream_file_names_file_and_line_and_skip_keeps_the_rest(name, mes
     markers = [json.loads(p.read_text()) for p in sorted(source.file_dir(0).glob("0*.json"))]
     assert sum(m["rows"] for m in markers) == kept
     assert sum(m["stats"]["skipped_malformed"] for m in markers) == 1
+
+
+def test_validation_tokenises_only_the_records_it_uses(sample_corpus, worker, tmp_path):
+    """``max_rows`` (a validation split's ``val_max_records``) stops after the piece that reaches it: the rest of the
+    file is not read, and a later pass finishes the file without redoing the pieces.
+
+    Bug caught: PILE's 1.4 GB validation shard tokenised whole before step 1 to use its first 1,000 records."""
+    work, _ = worker
+    path = str(sample_corpus / "pile/train/00000.jsonl")
+    settings = _settings("en", "pile", "causal_lm")
+    out = tmp_path / "val"
+    first = tokenise_file(path, settings, str(out), piece_bytes=1500, worker=work, max_rows=5)
+    assert 5 <= first["rows"] < 20 and first["pieces"] < 4 and not (out / "done.json").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.arrow")}
+    whole = tokenise_file(path, settings, str(out), piece_bytes=1500, worker=work)
+    assert whole["pieces"] > first["pieces"] and (out / "done.json").is_file()
+    assert all(out.joinpath(name).stat().st_mtime_ns == stamp for name, stamp in stamps.items())  # not redone
