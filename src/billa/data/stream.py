@@ -296,7 +296,10 @@ def stream_file_id(path: str) -> str:
     """A cache directory name for ``path``: its name, size and first and last 64 KiB (never a read of the whole file,
     so a 14 GB shard costs nothing before its first piece)."""
     from billa.data.cache import _sample_hash, fingerprint
+    from billa.data.readers import HUB_PREFIX
 
+    if path.startswith(HUB_PREFIX):  # a hub dataset: its name (and revision, when the spec pins one)
+        return fingerprint(path)
     size = os.path.getsize(path)
     return fingerprint(Path(path).name, str(size), _sample_hash(path, size))
 
@@ -373,7 +376,7 @@ class StreamSource:
     def step(self, block: bool = True) -> bool:
         """Add the next piece of the stream to the known sequence; False when it is not ready (``block=False``)."""
         epoch, file_index, piece = self._cursor
-        waited, warned = 0.0, False
+        waited, warned, wanted_at = 0.0, False, -float("inf")
         while True:
             count = self._pieces_in(file_index)
             if count is not None and piece >= count:  # end of this file: the next file (or the next epoch)
@@ -398,8 +401,9 @@ class StreamSource:
             self._check_failed(file_index)
             if not block:
                 return False
-            if waited % WANT_REFRESH_S < self.poll_s:  # tell the feeder (any process of this node) what is waited for
+            if time.monotonic() - wanted_at > WANT_REFRESH_S:  # tell the feeder (any process) what is waited for
                 self._want(epoch, file_index)
+                wanted_at = time.monotonic()
             time.sleep(self.poll_s)
             waited += self.poll_s
             if waited > WAIT_LOG_S and not warned:
@@ -430,9 +434,11 @@ class StreamSource:
         found = []
         for path in self.root.glob("want-*.json"):
             try:
-                if time.time() - path.stat().st_mtime < 3 * WANT_REFRESH_S:
-                    entry = json.loads(path.read_text())
-                    found.append((entry["epoch"], entry["file"]))
+                if time.time() - path.stat().st_mtime > 3 * WANT_REFRESH_S:  # its reader stopped waiting or died
+                    path.unlink(missing_ok=True)
+                    continue
+                entry = json.loads(path.read_text())
+                found.append((entry["epoch"], entry["file"]))
             except (OSError, ValueError):  # removed or being replaced meanwhile
                 continue
         return found
