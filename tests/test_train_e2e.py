@@ -123,7 +123,7 @@ def test_prepare_only_tokenises_without_training(tmp_path, cache_dir, sample_tok
     result = run(cfg)
     assert set(result["data"]) == {"zh/train", "zh/val", "en/train", "en/val", "translate/train", "translate/val"}
     assert result["data"]["zh/train"]["examples"] == result["data"]["zh/train"]["records"] > 400
-    assert list((tmp_path / "tok").rglob("billa_shard.json")) and not (tmp_path / "checkpoints").exists()
+    assert list((tmp_path / "tok").rglob("done.json")) and not (tmp_path / "checkpoints").exists()  # stream pieces
 
 
 def test_checkpoint_carries_rng_state(trained, tmp_path):

@@ -266,6 +266,8 @@ class BillaDataModule(L.LightningDataModule):
         if rows == 0:
             raise ValueError(f"data.sources.{name}.val: no usable examples in {self.sources[name]['val']}")
         source.val_rows = min(rows, self.val_max_records)
+        source.locate(source.val_rows - 1)  # read the pieces' markers: the split's stats
+        self.stats[f"{name}/val"] = source.stats()
         return source
 
     def _stream(self, name: str) -> StreamSource:
@@ -457,7 +459,6 @@ class BillaDataModule(L.LightningDataModule):
                 if self.streamed(name):
                     val = self._val_stream(name)
                     rows = [val.at(q) for q in range(val.val_rows)]
-                    self.stats[f"{name}/val"] = val.stats()
                 else:
                     val = self._tokenized(name, "val")
                     rows = [val.example(index, visit=0) for index in range(min(len(val), self.val_max_records))]
