@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from billa.convert.layout import HF_EMBED, META_EMBED
+from billa.convert.layout import HF_EMBED, META_EMBED, LayoutError
 from billa.convert.release import MANIFEST, RESIDUAL, ReleaseError, release, restore, tensor_sha256, verify
 
 from .conftest import CONF
@@ -339,3 +340,124 @@ def test_release_without_manifest_needs_the_explicit_flag(released_dir, llama_me
     expected = (released[:BASE_VOCAB].double() - llama_embedding.double()).to(released.dtype)  # plain subtraction
     assert torch.equal(restored[:BASE_VOCAB], expected) and torch.equal(restored[BASE_VOCAB:], released[BASE_VOCAB:])
     assert verify(tmp_path / "restored")["state"] == "restored"
+
+
+@pytest.fixture
+def sharded_release(llama_meta, llama_embedding, tmp_path) -> tuple[Path, str, str]:
+    """A release in 3 safetensors shards: the embedding in the first, lm_head in the last (another file)."""
+    trained = tmp_path / "trained"
+    embed_file = write_layout(trained_model(llama_embedding, torch.float16), trained, "safetensors", 3)
+    release(trained, llama_meta, tmp_path / "released")
+    index = json.loads((trained / "model.safetensors.index.json").read_text())
+    head_file = index["weight_map"]["lm_head.weight"]
+    assert head_file != embed_file  # the case the embedding's checksum alone misses
+    return tmp_path / "released", embed_file, head_file
+
+
+def zero_tensor(path: Path, name: str) -> None:
+    """Rewrite one safetensors file with ``name`` zeroed: same size, same tensors, other bytes."""
+    state = load_file(path)
+    state[name] = torch.zeros_like(state[name])
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_manifest_lists_every_file_and_the_untouched_release_passes(sharded_release, llama_meta, tmp_path):
+    """Bugs caught: a manifest that leaves out a shard, the index or the config (then a change there passes
+    verify); a checksum recorded before the file was written (the untouched release fails its own verify); an
+    added README refused although the weights are intact."""
+    released, _, _ = sharded_release
+    manifest = json.loads((released / MANIFEST).read_text())
+    on_disk = {name: sha for name, sha in file_hashes(released).items() if name != MANIFEST}
+    assert {name: record["sha256"] for name, record in manifest["files"].items()} == on_disk
+    assert all(record["bytes"] == (released / name).stat().st_size for name, record in manifest["files"].items())
+    assert {"model.safetensors.index.json", "config.json", RESIDUAL} <= set(manifest["files"])
+
+    (released / "README.md").write_text("added after the release\n")
+    result = verify(released, llama_meta)
+    assert result["state"] == "released" and result["llama_matches"] is True
+    assert result["files_checked"] == len(on_disk) and result["unlisted_files"] == ["README.md"]
+    restored = restore(released, llama_meta, tmp_path / "restored")
+    assert restored["bit_exact"] is True
+    assert_bit_identical(load_all(tmp_path / "restored"), load_all(tmp_path / "trained"))
+    assert verify(tmp_path / "restored")["state"] == "restored"  # its own manifest lists the restored files
+
+
+def test_zeroed_lm_head_in_another_shard_is_named(sharded_release, llama_meta, tmp_path):
+    """Bug caught (issue 23): only the embedding's checksum checked, so a zeroed lm_head in another shard
+    passes verify and restores as 'bit-exact'."""
+    released, _, head_file = sharded_release
+    zero_tensor(released / head_file, "lm_head.weight")
+    with pytest.raises(ReleaseError, match=rf"{head_file}: modified: SHA-256 .* but {MANIFEST} records"):
+        verify(released)
+    with pytest.raises(ReleaseError, match=rf"{head_file}: modified"):
+        restore(released, llama_meta, tmp_path / "restored")
+    assert not (tmp_path / "restored").exists() and not (tmp_path / "restored.tmp").exists()
+
+
+def test_changed_tensor_beside_the_embedding_is_named(released_dir, llama_meta, tmp_path):
+    """Bug caught: the embedding's file skipped because its bytes differ between released and restored, so a
+    zeroed lm_head stored beside the embedding (single-file model) passes in either state."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(released_dir, tampered)
+    zero_tensor(tampered / "model.safetensors", "lm_head.weight")
+    with pytest.raises(ReleaseError, match=r"model\.safetensors: tensor 'lm_head.weight' modified"):
+        verify(tampered)
+    with pytest.raises(ReleaseError, match=r"model\.safetensors: tensor 'lm_head.weight' modified"):
+        restore(tampered, llama_meta, tmp_path / "from-tampered")
+    restore(released_dir, llama_meta, tmp_path / "restored")  # the restored state: the file's bytes are new
+    zero_tensor(tmp_path / "restored" / "model.safetensors", "lm_head.weight")
+    with pytest.raises(ReleaseError, match=r"model\.safetensors: tensor 'lm_head.weight' modified"):
+        verify(tmp_path / "restored")
+
+
+def test_verify_with_the_wrong_llama_fails_naming_it(released_dir, tmp_path):
+    """Bug caught: verify with other LLaMA weights only logs a warning and succeeds, so a user goes on to restore
+    with them (or trusts a check that never compared the base)."""
+    other = tmp_path / "other-llama.pth"
+    torch.manual_seed(7)
+    torch.save({META_EMBED: torch.randn(BASE_VOCAB, 16).half()}, other)
+    with pytest.raises(ReleaseError, match=rf"op\.llama={re.escape(str(other))}: wrong LLaMA weights"):
+        verify(released_dir, other)
+
+
+def test_truncated_shard_is_named(sharded_release, llama_meta, tmp_path):
+    """Bug caught: a truncated download ends in a bare SafetensorError (which file?) or, for a shard restore only
+    copies, is restored and verified as fine; a truncated trained shard released with its checksum."""
+    released, embed_file, head_file = sharded_release
+    for name in (head_file, embed_file):
+        cut = tmp_path / f"cut-{name}"
+        shutil.copytree(released, cut)
+        data = (cut / name).read_bytes()
+        (cut / name).write_bytes(data[: len(data) // 2])
+        error = ReleaseError if name == head_file else LayoutError  # the embedding's file is read, then named
+        named = rf"{re.escape(name)}: .*(bytes, but {MANIFEST} records|truncated)"
+        with pytest.raises(error, match=named):
+            verify(cut)
+        with pytest.raises(error, match=named):
+            restore(cut, llama_meta, tmp_path / f"out-{name}")
+        (cut / MANIFEST).unlink()  # no manifest: the reader's error still names the file
+        if name == embed_file:
+            with pytest.raises(LayoutError, match=rf"{name}: not a readable weight file"):
+                verify(cut, llama_meta)
+    trained_cut = tmp_path / "trained-cut"
+    shutil.copytree(tmp_path / "trained", trained_cut)
+    data = (trained_cut / head_file).read_bytes()
+    (trained_cut / head_file).write_bytes(data[:-8])
+    with pytest.raises(LayoutError, match=rf"{head_file}: not a readable weight file"):
+        release(trained_cut, llama_meta, tmp_path / "released-cut")
+    assert not (tmp_path / "released-cut").exists()
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers
+def test_cli_verify_fails_on_a_changed_file_and_a_wrong_llama(sharded_release, tmp_path):
+    """Bug caught: op=verify exiting 0 (with a warning) for the wrong LLaMA or a changed shard, so a script that
+    checks the exit status goes on with bad weights."""
+    released, _, head_file = sharded_release
+    other = tmp_path / "other-llama.pth"
+    torch.save({META_EMBED: torch.randn(BASE_VOCAB, 16).half()}, other)
+    wrong_base = run_door("convert.py", "op=verify", f"op.model={released}", f"op.llama={other}")
+    assert wrong_base.returncode != 0
+    assert f"op.llama={other}: wrong LLaMA weights" in wrong_base.stderr and "Traceback" not in wrong_base.stderr
+    zero_tensor(released / head_file, "lm_head.weight")
+    changed = run_door("convert.py", "op=verify", f"op.model={released}")
+    assert changed.returncode != 0 and f"{head_file}: modified" in changed.stderr

@@ -8,12 +8,15 @@ embedding dimension across model-parallel shards (one file for 7B).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 HF_EMBED = "model.embed_tokens.weight"
@@ -54,11 +57,12 @@ def tensor_file(model_dir: str | os.PathLike, name: str, key: str = "op.model") 
 
 def load_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     """All tensors of one weight file and its safetensors metadata (None for ``.bin``)."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
-        return load_file(str(path)), metadata
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True), None
+    with _named(path):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata()
+            return load_file(str(path)), metadata
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), None
 
 
 def save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
@@ -71,15 +75,54 @@ def save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:
     """One tensor of a weight file (safetensors reads only that tensor)."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            if name not in f.keys():
-                raise LayoutError(f"{path}: no tensor {name!r}")
-            return f.get_tensor(name)
-    tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if name not in tensors:
+    with _named(path):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                tensor = f.get_tensor(name) if name in f.keys() else None
+        else:
+            tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(name)
+    if tensor is None:
         raise LayoutError(f"{path}: no tensor {name!r}")
-    return tensors[name]
+    return tensor
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """Every weight file of a HF directory: the shards its index lists, or its single file."""
+    model_dir = Path(model_dir)
+    for index in INDEXES:
+        if (model_dir / index).is_file():
+            weight_map = json.loads((model_dir / index).read_text()).get("weight_map", {})
+            return [model_dir / name for name in sorted(set(weight_map.values()))]
+    return [model_dir / single for single in SINGLE_FILES if (model_dir / single).is_file()]
+
+
+def check_readable(path: Path) -> None:
+    """Raise ``LayoutError`` naming ``path`` when it is missing or not a complete weight file.
+
+    A safetensors header records where every tensor ends, so opening it catches a truncated file without reading
+    the tensors; a ``.bin`` is a zip archive whose directory sits at its end (memory-mapped, not read).
+    """
+    if not path.is_file():
+        raise LayoutError(f"{path}: missing (its index lists it): copy or download it again")
+    with _named(path):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):
+                pass
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+@contextlib.contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """Turn a reader's bare error on a truncated or damaged file into a ``LayoutError`` that names the file."""
+    try:
+        yield
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        size = path.stat().st_size if path.is_file() else 0
+        raise LayoutError(
+            f"{path}: not a readable weight file ({size} bytes; {type(err).__name__}: {err}): truncated or damaged, "
+            "e.g. an interrupted download or copy; copy or download it again"
+        ) from err
 
 
 def load_llama_embedding(llama: str | os.PathLike, key: str = "op.llama") -> tuple[torch.Tensor, str]:

@@ -13,6 +13,12 @@ plain subtraction gives back (mostly 0; int16 for fp16/bf16, int32 for fp32). ``
 rounds once, applies the residual and checks the SHA-256 of the result against the manifest, so a restore is
 bit-exact or refused. Without the residual file (``exact=false``, or not downloaded) a restore is within rounding
 of the trained weights and the manifest's ``plain_restore_sha256`` still proves the LLaMA weights were right.
+
+Integrity: the manifest also records the size and SHA-256 of every file of the directory it describes (``files``)
+and of every other tensor in the embedding's file (``shard_tensors_sha256``). ``verify`` and ``restore`` check them
+all before trusting the directory, so a changed ``lm_head`` or config, or a truncated shard, is named by its file;
+the embedding's file is checked tensor by tensor, since the embedding itself legitimately differs between the
+released and the restored state.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from safetensors.torch import load_file, save_file
 from billa.convert.layout import (
     HF_EMBED,
     LayoutError,
+    check_readable,
     load_llama_embedding,
     load_shard,
     read_tensor,
     save_shard,
     tensor_file,
+    weight_files,
 )
 from billa.utils.logging import get_logger
 
@@ -41,7 +49,8 @@ log = get_logger(__name__)
 
 MANIFEST = "billa_release.json"
 RESIDUAL = "billa_release_residual.safetensors"
-FORMAT = "billa-embedding-delta/1"
+FORMAT = "billa-embedding-delta/2"  # /2 added the checksums of every file; /1 manifests (embedding only) still read
+OLD_FORMATS = ("billa-embedding-delta/1",)
 CHUNK_ROWS = 4096  # rows per float64 step: 4096 x 4096 x 8 bytes = 128 MiB for LLaMA-7B
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer views for the XOR residual
 
@@ -53,10 +62,17 @@ class ReleaseError(ValueError):
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's raw bytes in its own dtype, row-major, native (little-endian) byte order."""
     digest = hashlib.sha256()
+    tensor = tensor.reshape(1) if tensor.ndim == 0 else tensor  # a scalar buffer: one row
     for start in range(0, tensor.shape[0], CHUNK_ROWS):
         chunk = tensor[start : start + CHUNK_ROWS].contiguous()
         digest.update(chunk.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (what ``sha256sum`` prints)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def shift_rows(embedding: torch.Tensor, base: torch.Tensor, sign: int) -> torch.Tensor:
@@ -125,12 +141,16 @@ def _write_directory(
     model_dir: Path,
     out: Path,
     shard: Path,
-    embedding: torch.Tensor,
+    shard_contents: tuple[dict[str, torch.Tensor], dict[str, str] | None],
     manifest: dict,
     residual: torch.Tensor | None,
     link: bool,
-) -> None:
-    """Copy (or hard-link) ``model_dir`` to ``out`` with ``shard`` rewritten; assembled in ``<out>.tmp``, renamed."""
+) -> dict:
+    """Copy (or hard-link) ``model_dir`` to ``out`` with ``shard`` rewritten; assembled in ``<out>.tmp``, renamed.
+
+    ``shard_contents`` is ``load_shard(shard)`` with the new embedding in place. Returns ``manifest`` completed with
+    the checksums of every file written and of the shard's other tensors, as written to ``out/billa_release.json``.
+    """
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -141,13 +161,28 @@ def _write_directory(
             target.mkdir(exist_ok=True)
         elif path.resolve() not in skip:
             _copy_file(path, target, link)
-    tensors, metadata = load_shard(shard)
-    tensors[HF_EMBED] = embedding
+    tensors, metadata = shard_contents
     save_shard(tmp / shard.relative_to(model_dir), tensors, metadata)
     if residual is not None:
         save_file({"residual": residual}, str(tmp / RESIDUAL), metadata={"format": FORMAT})
+    manifest = {
+        **manifest,
+        "files": _directory_files(tmp),
+        "shard_tensors_sha256": {name: tensor_sha256(t) for name, t in sorted(tensors.items()) if name != HF_EMBED},
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(out)
+    return manifest
+
+
+def _directory_files(directory: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file under ``directory`` except the manifest, by POSIX path relative to it."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and name != MANIFEST:
+            files[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return files
 
 
 def _copy_file(src: Path, dst: Path, link: bool) -> None:
@@ -178,6 +213,10 @@ def release(
 
     Returns:
         The manifest written to ``out_dir/billa_release.json`` plus ``out_dir``.
+
+    Raises:
+        LayoutError: a weight file is missing or truncated (the message names it).
+        ReleaseError: already released, tied embeddings, shapes that do not fit LLaMA's, or an existing ``out_dir``.
     """
     model_dir = Path(model)
     shard = tensor_file(model_dir, HF_EMBED, "op.model")
@@ -186,7 +225,10 @@ def release(
     if previous and previous.get("state") == "released":
         raise ReleaseError(f"{where}: already released ({MANIFEST} says so): release the restored weights instead")
     _check_untied(model_dir)
-    trained = load_shard(shard)[0][HF_EMBED]
+    for path in weight_files(model_dir):  # a truncated shard would be published, checksum and all
+        check_readable(path)
+    tensors, metadata = load_shard(shard)
+    trained = tensors[HF_EMBED]
     base, llama_where = load_llama_embedding(llama)
     rows = _check_shapes(trained, base, where, llama_where)
     out = _out_dir(out_dir, model_dir)
@@ -209,7 +251,10 @@ def release(
         "elements_inexact_without_residual": differing,
         "residual": RESIDUAL if exact and differing else None,
     }
-    _write_directory(model_dir, out, shard, released, manifest, residual if manifest["residual"] else None, link)
+    tensors[HF_EMBED] = released
+    manifest = _write_directory(
+        model_dir, out, shard, (tensors, metadata), manifest, residual if manifest["residual"] else None, link
+    )
     log.info(
         "Released %s -> %s: rows 0..%d of %s += %s; %d of %d elements need the residual for a bit-exact restore",
         model_dir, out, rows - 1, HF_EMBED, llama_where, differing, residual.numel(),
@@ -219,8 +264,6 @@ def release(
 
 def _check_released(manifest: dict, released: torch.Tensor, where: str) -> None:
     """Refuse a restore whose input is not the tensor ``release`` wrote, naming the likely cause."""
-    if manifest.get("format") != FORMAT:
-        raise ReleaseError(f"{where}: {MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("state") == "restored":
         raise ReleaseError(f"{where}: already restored ({MANIFEST} says so); restoring twice subtracts LLaMA again")
     dtype = str(released.dtype).removeprefix("torch.")
@@ -238,6 +281,89 @@ def _check_released(manifest: dict, released: torch.Tensor, where: str) -> None:
         raise ReleaseError(
             f"{where}: the embedding is not the one released (SHA-256 {sha[:16]}..., {MANIFEST} records "
             f"{manifest['released_sha256'][:16]}...): modified after release, e.g. restored in place by another script"
+        )
+
+
+def _check_format(manifest: dict, where: str) -> None:
+    if manifest.get("format") == FORMAT:
+        return
+    if manifest.get("format") not in OLD_FORMATS:
+        raise ReleaseError(f"{where}: {MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    log.warning(
+        "%s: %s is %s and records only the embedding's checksum: the other files are not checked "
+        "(restore, then release again with this billa to record them)",
+        where, MANIFEST, manifest["format"],
+    )  # fmt: skip
+
+
+def _check_files(model_dir: Path, manifest: dict) -> list[str]:
+    """Check the size and SHA-256 of every file the manifest lists except the embedding's (see ``_check_shard``).
+
+    A missing residual is let through (``restore`` then says the result is within rounding). Returns the files on
+    disk the manifest does not list (added after the release, e.g. a README: reported, not refused).
+    """
+    listed = manifest.get("files", {})
+    state = manifest.get("state", "released")
+    for name, record in listed.items():
+        path = model_dir / name
+        if name == manifest["file"] or (name == manifest.get("residual") and not path.exists()):
+            continue
+        if not path.is_file():
+            raise ReleaseError(
+                f"{path}: missing: {MANIFEST} lists it ({record['bytes']} bytes); copy it from the {state} directory "
+                "as published, or download it again"
+            )
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise ReleaseError(
+                f"{path}: {size} bytes, but {MANIFEST} records {record['bytes']} for it (truncated or incomplete "
+                "download or copy?); download or copy it again"
+            )
+        sha = file_sha256(path)
+        if sha != record["sha256"]:
+            raise ReleaseError(
+                f"{path}: modified: SHA-256 {sha[:16]}..., but {MANIFEST} records {record['sha256'][:16]}... for it "
+                f"(edited or replaced after the {state} directory was written); download or copy it again"
+            )
+    on_disk = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
+    unlisted = sorted(on_disk - set(listed) - {MANIFEST}) if listed else []
+    if unlisted:
+        log.warning("%s: files %s are not in %s (added later?): not checked", model_dir, unlisted, MANIFEST)
+    return unlisted
+
+
+def _check_shard(manifest: dict, shard: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Check the other tensors of the embedding's file (the embedding itself is checked against its own checksums).
+
+    The whole file's SHA-256 settles it when it matches; otherwise (the embedding is in the other state, or another
+    tensor changed) each other tensor is compared with ``shard_tensors_sha256``.
+    """
+    expected = manifest.get("shard_tensors_sha256")
+    record = manifest.get("files", {}).get(manifest["file"])
+    if expected is None or (record is not None and file_sha256(shard) == record["sha256"]):
+        return
+    others = {k: v for k, v in (tensors if tensors is not None else load_shard(shard)[0]).items() if k != HF_EMBED}
+    if set(others) != set(expected):
+        added, lacking = sorted(set(others) - set(expected)), sorted(set(expected) - set(others))
+        raise ReleaseError(
+            f"{shard}: holds tensors {added} and lacks {lacking} compared with {MANIFEST} (rewritten by another "
+            "tool?); download or copy it again"
+        )
+    for name in sorted(expected):
+        sha = tensor_sha256(others[name])
+        if sha != expected[name]:
+            raise ReleaseError(
+                f"{shard}: tensor {name!r} modified: SHA-256 {sha[:16]}..., but {MANIFEST} records "
+                f"{expected[name][:16]}... for it; download or copy the file again"
+            )
+
+
+def _check_llama(manifest: dict, base: torch.Tensor, llama: str | os.PathLike, llama_where: str) -> None:
+    if base.shape[0] != manifest["llama_rows"] or _base_sha256(base) != manifest["llama_sha256"]:
+        raise ReleaseError(
+            f"op.llama={llama}: wrong LLaMA weights: {llama_where} ({base.shape[0]} rows) is not the embedding this "
+            f"directory was released with ({manifest['llama_rows']} rows, SHA-256 {manifest['llama_sha256'][:16]}... "
+            "as float32); pass the original LLaMA weights the release used"
         )
 
 
@@ -272,15 +398,22 @@ def restore(
             unverified: the result's checksum is recorded but nothing proves it is right.
 
     Raises:
-        ReleaseError: wrong LLaMA weights, wrong dtype, already restored, or a checksum that does not match.
+        ReleaseError: wrong LLaMA weights, wrong dtype, already restored, or a file whose checksum does not match
+            (named).
+        LayoutError: a weight file that cannot be read (truncated; named).
     """
     model_dir = Path(model)
     shard = tensor_file(model_dir, HF_EMBED, "op.model")
     where = f"op.model={model_dir} ({shard.name}: {HF_EMBED})"
     manifest = _read_manifest(model_dir)
-    released = load_shard(shard)[0][HF_EMBED]
+    if manifest is not None:
+        _check_format(manifest, where)
+        _check_files(model_dir, manifest)
+    tensors, metadata = load_shard(shard)
+    released = tensors[HF_EMBED]
     if manifest is not None:
         _check_released(manifest, released, where)
+        _check_shard(manifest, shard, tensors)
     elif require_manifest:
         raise ReleaseError(
             f"{where}: no {MANIFEST}, so the restore cannot be checked (not written by billa's release, or already "
@@ -288,11 +421,8 @@ def restore(
         )
     base, llama_where = load_llama_embedding(llama)
     rows = _check_shapes(released, base, where, llama_where)
-    if manifest is not None and (rows != manifest["llama_rows"] or _base_sha256(base) != manifest["llama_sha256"]):
-        raise ReleaseError(
-            f"op.llama={llama}: wrong LLaMA weights: {llama_where} ({rows} rows) is not the embedding this directory "
-            f"was released with ({manifest['llama_rows']} rows, SHA-256 {manifest['llama_sha256'][:16]}... as float32)"
-        )
+    if manifest is not None:
+        _check_llama(manifest, base, llama, llama_where)
     out = _out_dir(out_dir, model_dir, Path(llama))
     restored = shift_rows(released, base, -1)
     state = {"state": "restored", "restored_from": str(model_dir), "llama": llama_where}
@@ -316,35 +446,46 @@ def restore(
                 f"{manifest['trained_sha256'][:16]}... (damaged {manifest['residual']}?); nothing was written"
             )
     out_manifest = {**(manifest or {"format": FORMAT, "tensor": HF_EMBED, "llama_rows": rows}), **state}
-    _write_directory(model_dir, out, shard, restored, out_manifest, None, link)
+    out_manifest["format"] = FORMAT  # the restored directory's file checksums are recorded in any case
+    out_manifest["file"] = str(shard.relative_to(model_dir))
+    tensors[HF_EMBED] = restored
+    out_manifest = _write_directory(model_dir, out, shard, (tensors, metadata), out_manifest, None, link)
     log.info("Restored %s -> %s (%s)", model_dir, out, "bit-exact" if state.get("bit_exact") else "unverified")
     return {**out_manifest, "out_dir": str(out)}
 
 
 def verify(model: str | os.PathLike, llama: str | os.PathLike | None = None) -> dict:
-    """Report whether ``model`` holds released or restored weights.
+    """Report whether ``model`` holds released or restored weights, after checking every file the manifest lists.
 
-    With a manifest the stored embedding's SHA-256 decides (and ``llama``, when given, is checked too). Without
-    one, ``llama`` is needed and the answer is an estimate: a released embedding is near trained + LLaMA, i.e. closer
-    to twice LLaMA's rows than to LLaMA's rows, a restored one the other way round.
+    With a manifest, every listed file must have its recorded size and SHA-256 (the embedding's file: every other
+    tensor in it), the stored embedding's SHA-256 decides the state, and ``llama``, when given, must be the
+    release's LLaMA. Without one, ``llama`` is needed and the answer is an estimate: a released embedding is near
+    trained + LLaMA, i.e. closer to twice LLaMA's rows than to LLaMA's rows, a restored one the other way round.
 
     Raises:
-        ReleaseError: the embedding matches neither checksum, or there is no manifest and no ``llama``.
+        ReleaseError: a file that differs from the manifest (named), an embedding that matches neither checksum,
+            a ``llama`` that is not the release's, or no manifest and no ``llama``.
+        LayoutError: a weight file that cannot be read (truncated; named).
     """
     model_dir = Path(model)
     shard = tensor_file(model_dir, HF_EMBED, "op.model")
     where = f"op.model={model_dir} ({shard.name}: {HF_EMBED})"
     manifest = _read_manifest(model_dir)
-    embedding = read_tensor(shard, HF_EMBED)
     if manifest is None:
-        result = _estimate_state(embedding, llama, where)
+        result = _estimate_state(read_tensor(shard, HF_EMBED), llama, where)
     else:
-        result = _verify_checksums(manifest, embedding, where)
+        _check_format(manifest, where)
+        unlisted = _check_files(model_dir, manifest)
+        result = _verify_checksums(manifest, read_tensor(shard, HF_EMBED), where)
+        _check_shard(manifest, shard)
+        result.update(files_checked=len(manifest.get("files", {})), unlisted_files=unlisted)
+        residual = manifest.get("residual")
+        if residual and result["state"] == "released" and not (model_dir / residual).exists():
+            result["verdict"] += f"; {residual} is missing, so a restore will be within rounding, not bit-exact"
         if llama is not None:
             base, llama_where = load_llama_embedding(llama)
-            result["llama_matches"] = _base_sha256(base) == manifest["llama_sha256"]
-            if not result["llama_matches"]:
-                log.warning("op.llama=%s: not the LLaMA embedding this directory was released with", llama_where)
+            _check_llama(manifest, base, llama, llama_where)
+            result["llama_matches"] = True
     log.info("%s: %s", where, result["verdict"])
     return {"model": str(model_dir), **result}
 
@@ -385,4 +526,13 @@ def _estimate_state(embedding: torch.Tensor, llama: str | os.PathLike | None, wh
     }
 
 
-__all__ = ["LayoutError", "ReleaseError", "release", "restore", "verify", "shift_rows", "tensor_sha256"]
+__all__ = [
+    "LayoutError",
+    "ReleaseError",
+    "file_sha256",
+    "release",
+    "restore",
+    "verify",
+    "shift_rows",
+    "tensor_sha256",
+]
