@@ -303,3 +303,272 @@ def test_an_in_place_edit_keeping_size_and_mtime_gets_a_new_shard(tmp_path, samp
     second, stats = tokenize_source(*args)
     assert stats["reused_shards"] == 0
     assert list(second[0]["input_ids"]) != list(first[0]["input_ids"])
+
+
+# ---- byte-order marks -------------------------------------------------------------------------------------------
+BOM_CASES = [
+    ("bom.jsonl", "pile", "text", "first record after a byte-order mark"),
+    ("bom.jsonl.zst", "pile", "text", "first record after a byte-order mark"),
+    ("bom.json", "wudao", "text", "第一条\n\n字节顺序标记之后的第一条记录"),
+]
+
+
+@pytest.mark.parametrize("name,fmt,key,first", BOM_CASES, ids=[c[0] for c in BOM_CASES])
+def test_a_byte_order_mark_does_not_break_the_first_record(name, fmt, key, first):
+    """Bug caught: a file saved by a Windows editor (UTF-8 with BOM) losing its first record, or stopping the run
+    with "not valid JSON (Unexpected UTF-8 BOM)", on both the reader path (read_piece) and the stream path
+    (stream.file_pieces + parse_records), which share the line and array parsers."""
+    from billa.data.readers import parse_records
+    from billa.data.stream import file_pieces
+
+    path = FIXTURES / name
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf") or name.endswith(".zst")
+    stats = ReadStats()
+    records = list(read_records(path, fmt, "data.sources.x.train", stats))  # on_error=raise: nothing may fail
+    assert [r.line for r in records] == [1, 2] and records[0].fields[key] == first
+    streamed = [
+        record
+        for _, _, _, items in file_pieces(str(path))
+        for record in parse_records(items, str(path), fmt, ReadStats())
+    ]
+    assert [r.fields for r in streamed] == [r.fields for r in records]
+
+
+# ---- paths: dangling links, lists ---------------------------------------------------------------------------------
+def test_a_dangling_symlink_is_named_with_its_config_key(tmp_path):
+    """Bug caught: a shard whose link target was moved surfacing later as a bare ``os.stat`` FileNotFoundError
+    without the config key (through a glob), or silently left out (through a directory)."""
+    from billa.data.readers import expand_paths
+
+    (tmp_path / "00.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "01.jsonl").symlink_to(tmp_path / "moved" / "01.jsonl")
+    for pattern in (tmp_path / "*.jsonl", tmp_path):
+        with pytest.raises(FileNotFoundError) as err:
+            expand_paths(pattern, "data.sources.en.train")
+        message = str(err.value)
+        assert (
+            message.startswith("data.sources.en.train: ") and f"{tmp_path / '01.jsonl'} is a symbolic link" in message
+        )
+        assert str(tmp_path / "moved" / "01.jsonl") in message
+
+
+def test_a_list_of_paths_and_globs_names_each_file_once(tmp_path):
+    """Bugs caught: a list of paths for one source read as one glob ("no file matches ['a', 'a']"), a file named
+    twice read twice, a Hydra ListConfig not taken as a list, and a mistyped path in a list silently left out."""
+    from omegaconf import OmegaConf
+
+    from billa.data.readers import expand_paths
+
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl.zst"):
+        (tmp_path / name).write_text("")
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    assert expand_paths([a, a], "k") == [a]
+    assert expand_paths(OmegaConf.create([b, a, str(tmp_path / "*.jsonl")]), "k") == [a, b]
+    assert expand_paths((str(tmp_path / "*.zst"), str(tmp_path / "*.parquet")), "k") == [str(tmp_path / "c.jsonl.zst")]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data.sources.en.train[1]: no file matches '{a}x'")):
+        expand_paths([a, a + "x"], "data.sources.en.train")
+    with pytest.raises(FileNotFoundError, match=r"data.sources.en.train: no file matches any of \["):
+        expand_paths([str(tmp_path / "*.txt"), str(tmp_path / "*.parquet")], "data.sources.en.train")
+
+
+# ---- a source named twice in data.mix --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["data.mix.zh=3", "data.mix.zh=5"], "data.mix.zh"),
+        (["data.mix={zh: 1, en: 1, zh: 2}"], "data.mix.zh"),
+        (["data.mix.en=1", "data.mix={zh: 4, en: 4}"], "data.mix.en"),
+        (["data={mix: {translate: 1, translate: 2}}"], "data.mix.translate"),
+        (["data.mix.zh=1", "++data.mix.zh=7"], "data.mix.zh"),
+        (["data.mix.zh=1", "~data.mix.zh", "+data.mix.zh=2"], None),  # removed, then set again: once each
+        (["data.mix={zh: 1, en: 1}", "data.mix.translate=3", "stage=task_mix"], None),
+    ],
+)
+def test_a_source_named_twice_in_data_mix_is_refused(overrides, key):
+    """Bug caught: ``data.mix.zh=3 ... data.mix.zh=5`` (a launcher script appending to the user's overrides) or a
+    dict with a repeated key silently training on the last weight. Hydra composes these without complaint (one value
+    per key), so only the overrides show it."""
+    from billa.config import ConfigError, check_mix_overrides
+
+    if key is None:
+        check_mix_overrides(overrides)
+        return
+    with pytest.raises(ConfigError, match=re.escape(f"`{key}` is set 2 times on the command line")):
+        check_mix_overrides(overrides)
+
+
+def test_validate_reads_the_overrides_of_the_hydra_run():
+    """Bug caught: the duplicate check written but never consulted in a real run (``validate`` reading no overrides),
+    although Hydra hands the command line's overrides, duplicates included, to the app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from billa.config import ConfigError, validate
+
+    from .helpers import ROOT
+
+    overrides = ["data.mix.zh=3", "data.mix.zh=5"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.data.mix.zh == 5  # composed without complaint: the last value won
+    saved = HydraConfig.instance().cfg
+    try:
+        HydraConfig.instance().set_config(cfg)  # as @hydra.main does
+        with pytest.raises(ConfigError, match=r"`data.mix.zh` is set 2 times .*data.mix.zh=3 data.mix.zh=5"):
+            validate(cfg)
+    finally:
+        HydraConfig.instance().cfg = saved
+
+
+# ---- records longer than training can use ------------------------------------------------------------------------
+def test_a_huge_record_is_cut_before_tokenising_and_counted(tmp_path):
+    """Bug caught: a 30 MB single-line record handed whole to the tokenizer (37 s, 4.1 GB), on either read path, or
+    cut without a count (the data report cannot say it happened), or short records cut too."""
+    import json
+
+    from billa.data.readers import Piece, parse_records, read_piece, record_char_bound
+    from billa.data.stream import file_pieces
+
+    bound = record_char_bound(64)
+    assert bound == 64 * 16 * 2
+    huge = "the quick brown fox " * 50_000  # 1 MB on one line
+    path = tmp_path / "huge.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("short", huge, "also short")))
+    stats = ReadStats()
+    records = list(read_piece(Piece(str(path), 0, "file"), "pile", stats, max_chars=bound))
+    assert [r.fields["text"] for r in records[::2]] == ["short", "also short"]
+    assert huge.startswith(records[1].fields["text"]) and len(records[1].fields["text"]) == bound
+    assert (stats.read, stats.cut_long) == (3, 1)
+    streamed_stats = ReadStats()
+    streamed = [
+        r
+        for _, _, _, items in file_pieces(str(path))
+        for r in parse_records(items, str(path), "pile", streamed_stats, max_chars=bound)
+    ]
+    assert [r.fields for r in streamed] == [r.fields for r in records] and streamed_stats.cut_long == 1
+    untouched = ReadStats()
+    assert list(read_piece(Piece(str(path), 0, "file"), "pile", untouched))[1].fields["text"] == huge
+    assert untouched.cut_long == 0
+
+
+LONG = 5000  # characters: over record_char_bound(64) = 2048
+CUT_CASES = {
+    "plain text": ("conditional_generation", {"text": "the quick brown fox jumps. " * 400}),
+    "chinese text": ("causal_lm", {"text": "中文的长记录没有空格" * 600}),
+    "leading blanks": ("dialogue", {"instruction": " " * LONG + "question", "input": "", "output": "answer"}),
+    "blanks then text": ("task", {"input": "question" + " " * LONG + "tail", "output": "answer", "type": "math"}),
+    "blanks inside a turn": ("dialogue", {"instruction": "q" + "\n" * LONG + "tail", "input": "", "output": "answer"}),
+    "long target": ("task", {"input": "question", "output": "answer " * LONG, "type": "math"}),
+    "long source": ("translation", {"en": "english words " * 600, "zh": "中文"}),
+    "long turn": (
+        "dialogue",
+        {"turns": [{"human": "hi", "assistant": "你好 " * LONG}, {"human": "q", "assistant": "a"}]},
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["sentencepiece", "hf_fast"])
+@pytest.mark.parametrize("case", list(CUT_CASES))
+def test_the_cut_leaves_every_example_unchanged(case, backend, sample_tokenizer_dir):
+    """Bugs caught: a bound too tight for the vocabulary (the cut text no longer fills the max_len window, so the
+    example changes), and a cut inside a run of blanks that ``strip``/``rstrip`` then removes, shortening a task
+    input or dialogue turn so that a target suddenly fits. Checked with the tokenizer training uses (the fast
+    backend) and the SentencePiece model."""
+    import sentencepiece as spm
+
+    from billa.data.objectives import ObjectiveContext, variants
+    from billa.data.readers import cut_long_text, record_char_bound
+
+    if backend == "sentencepiece":
+        encode = spm.SentencePieceProcessor(model_file=str(Path(sample_tokenizer_dir) / "tokenizer.model")).encode
+    else:
+        from billa.tokenizer.load import load_tokenizer
+
+        tokenizer = load_tokenizer(sample_tokenizer_dir)
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = {
+        "translation.en2zh": ["翻译成中文："],
+        "translation.zh2en": ["Translate into English:"],
+        "math.pre": ["Solve."],
+    }
+    ctx = ObjectiveContext(encode=encode, bos_id=1, eos_id=2, max_len=64, prompts=prompts)
+    objective, fields = CUT_CASES[case]
+    cut = cut_long_text(fields, record_char_bound(ctx.max_len))
+    assert cut is not None and sum(map(len, _strings(cut))) < sum(map(len, _strings(fields)))
+    assert variants(objective, cut, ctx) == variants(objective, fields, ctx)
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [s for v in items for s in _strings(v)]
+
+
+# ---- convert.py op=expand_vocab with Chinese text only ------------------------------------------------------------
+def test_expand_vocab_as_its_header_documents_runs_without_english_text(
+    cache_dir, sample_corpus, tmp_path, caplog, monkeypatch
+):
+    """Bug caught: the header's command (Chinese text only) failing because the English report defaults to
+    data/pile/train/*.jsonl, with an error naming op.chinese_text[0]; the absent report row must be left out with a
+    warning naming op.english_text."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from billa.sample.tokenizer import sample_base_tokenizer
+
+    from .helpers import ROOT
+
+    monkeypatch.setenv("BILLA_DATA_DIR", str(tmp_path / "data"))  # no PILE there
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(
+            "convert",
+            overrides=[
+                "op=expand_vocab",
+                f"op.base_tokenizer={sample_base_tokenizer(cache_dir / 'sample')}",
+                f"op.out_dir={tmp_path / 'vocab'}",
+                "op.vocab_size=2200",
+                f"op.chinese_text=[{{path: '{sample_corpus}/wudao/train/*.json', format: wudao}}]",
+            ],
+        )
+    with caplog.at_level("WARNING", logger="billa"):
+        report = instantiate(cfg.op)
+    assert "zh" in report and "en" not in report and report["pieces_added"] > 0
+    assert "no 'en' row (op.english_text[0]: no file matches any of" in caplog.text
+    assert str(tmp_path / "data" / "pile" / "train" / "*.jsonl") in caplog.text
+
+
+def test_expand_vocab_errors_name_the_key_of_their_source(tmp_path):
+    """Bug caught: every source labelled op.chinese_text, so a bad English report file or a missing Chinese corpus
+    sends the user to the wrong key."""
+    from billa.convert.vocab import expand_vocab, texts_from_sources
+
+    bad = tmp_path / "en.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(DataFormatError, match=re.escape(f"{bad}:2: not valid JSON")):
+        list(texts_from_sources([{"path": str(bad), "format": "pile"}], "en", key="op.english_text"))
+    with pytest.raises(FileNotFoundError, match=r"^op.english_text\[1\]: no file matches"):
+        list(
+            texts_from_sources(
+                [
+                    {"path": str(FIXTURES / "bom.jsonl"), "format": "pile"},
+                    {"path": str(tmp_path / "x"), "format": "pile"},
+                ],
+                "en",
+                key="op.english_text",
+            )
+        )
+    chinese = [{"path": str(tmp_path / "wudao" / "*.json"), "format": "wudao"}]
+    english = [{"path": str(tmp_path / "pile" / "*.jsonl"), "format": "pile"}]
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"op.chinese_text[0]: no file matches '{chinese[0]['path']}'")
+    ):
+        expand_vocab(
+            "unused", chinese, str(tmp_path / "out"), report_text={"en": english, "zh": chinese}, english_text=english
+        )

@@ -222,6 +222,7 @@ def validate(cfg: DictConfig) -> BatchPlan:
     _positive_int(cfg, "trainer.max_steps")
     _positive_int(cfg, "data.max_seq_length")
     _positive_int(cfg, "val_every_n_steps")
+    check_mix_overrides(_command_line_overrides())
     mix = cfg.data.get("mix") or {}
     if not mix:
         raise ConfigError("`data.mix` is empty: the stage must name at least one source with a weight")
@@ -249,6 +250,81 @@ def validate(cfg: DictConfig) -> BatchPlan:
             f"`scheduler.warmup_steps`={warmup} must be smaller than `trainer.max_steps`={cfg.trainer.max_steps}"
         )
     return plan
+
+
+def _command_line_overrides() -> list[str]:
+    """The overrides of the running Hydra app (none outside one: the compose API in tests, a config built in code)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_mix_overrides(overrides: list[str]) -> None:
+    """Refuse a ``data.mix`` source set twice on the command line (``data.mix.zh=3 ... data.mix.zh=5``,
+    ``data.mix={zh: 1, zh: 2}``, ``data.mix.zh=1 data.mix={zh: 4}``).
+
+    Only the overrides can show it: Hydra applies them in order and keeps the last value, and a config file with a
+    duplicate key does not load at all (OmegaConf's YAML loader refuses it). Removing a source (``~data.mix.zh``) and
+    setting it again is not a duplicate.
+
+    Raises:
+        ConfigError: naming ``data.mix.<source>`` and the overrides that set it.
+    """
+    setters: dict[str, list[str]] = {}
+    for override in overrides:
+        parsed = _override_keys(override)
+        if parsed is None:
+            continue  # not an assignment billa can read (Hydra reports bad syntax itself, before billa runs)
+        deleted, keys = parsed
+        if deleted:
+            setters = {k: v for k, v in setters.items() if k != keys[0] and not k.startswith(keys[0] + ".")}
+            continue
+        for key in keys:
+            if key.startswith("data.mix."):
+                setters.setdefault(key, []).append(override)
+    for key, lines in setters.items():
+        if len(lines) > 1:
+            shown = " ".join(dict.fromkeys(lines))
+            raise ConfigError(
+                f"`{key}` is set {len(lines)} times on the command line ({shown}); Hydra would keep the last value "
+                "silently. Name each source of data.mix once"
+            )
+
+
+def _override_keys(override: str) -> tuple[bool, list[str]] | None:
+    """(is a deletion, the full keys an override sets, once per time it names them), or None when it does not parse.
+
+    A dict value sets each of its keys (``data.mix={zh: 1, zh: 2}`` sets ``data.mix.zh`` twice: Hydra's own parse
+    keeps one, so the keys are read from the parse tree).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+    from hydra.grammar.gen.OverrideLexer import CommonTokenStream, InputStream, OverrideLexer
+    from hydra.grammar.gen.OverrideParser import OverrideParser
+
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except HydraException:
+        return None
+    key = parsed.key_or_group
+    if parsed.type == OverrideType.DEL:
+        return True, [key]
+    tree = OverrideParser(CommonTokenStream(OverrideLexer(InputStream(override)))).override()
+    value = tree.value()
+    element = value.element() if value is not None else None
+    container = element.dictContainer() if element is not None else None
+    return False, _dict_keys(container, key) if container is not None else [key]
+
+
+def _dict_keys(container, prefix: str) -> list[str]:
+    """Full keys of a dict literal's entries (nested dicts: their entries), duplicates kept."""
+    keys = []
+    for pair in container.dictKeyValuePair():
+        key = f"{prefix}.{pair.dictKey().getText()}"
+        inner = pair.element().dictContainer()
+        keys += _dict_keys(inner, key) if inner is not None else [key]
+    return keys
 
 
 def check_compile(compile_layers: object, deepspeed: bool) -> None:

@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class ReadStats:
     filtered: int = 0  # dropped on purpose by a documented filter (e.g. PILE subsets), counted
     skipped: int = 0  # malformed records skipped because the user chose on_error=skip, counted and reported
     empty: int = 0  # records whose text (or output) is empty or blank: nothing to train on, counted
+    cut_long: int = 0  # records with a text field longer than ``max_chars``, cut to it before tokenising (kept)
     skipped_examples: list[str] = field(default_factory=list)  # the first few not used, "file:line: why"
     files: list[str] = field(default_factory=list)
 
@@ -57,9 +59,17 @@ HUB_PREFIX = "hf://"
 def expand_paths(pattern: str | os.PathLike | Sequence[str | os.PathLike], what: str) -> list[str]:
     """Files named by a path, a glob or a directory (its files, sorted), or by a list of those: the files any of them
     names, sorted and once each (``[pile/train/*.jsonl, pile/train/*.jsonl.zst]``: PILE's shards in either form, and
-    neither a ``.zst.part`` download nor an index file). ``what`` names the config key for errors."""
+    neither a ``.zst.part`` download nor an index file). ``what`` names the config key for errors.
+
+    In a list a glob may match nothing (one of the forms is absent), but a path without glob characters must exist:
+    a mistyped file name in a list is an error, not a file silently left out. A symbolic link to a file that does not
+    exist is an error naming it (not an ``os.stat`` failure later, without the key).
+    """
     if isinstance(pattern, Sequence) and not isinstance(pattern, str):
-        found = {f for p in pattern for f in _expand_one(p, what, missing_ok=True)}
+        found: set[str] = set()
+        for i, entry in enumerate(pattern):
+            literal = not glob.has_magic(str(entry)) and not str(entry).startswith(HUB_PREFIX)
+            found.update(_expand_one(entry, f"{what}[{i}]", missing_ok=not literal))
         if not found:
             raise FileNotFoundError(f"{what}: no file matches any of {[str(p) for p in pattern]}")
         return sorted(found)
@@ -71,18 +81,33 @@ def _expand_one(pattern: str | os.PathLike, what: str, missing_ok: bool = False)
     if pattern.startswith(HUB_PREFIX):
         return [pattern]
     if os.path.isdir(pattern):
-        files = sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(str(p) for p in Path(pattern).rglob("*") if _file_or_link(p) and not p.name.startswith("."))
     else:
         files = sorted(glob.glob(pattern))
     if not files and not missing_ok:
         raise FileNotFoundError(f"{what}: no file matches {pattern!r}")
+    for path in files:
+        if not os.path.exists(path):  # glob lists a link whose target is gone (lexists), open/stat would fail later
+            raise FileNotFoundError(
+                f"{what}: {path} is a symbolic link to {os.readlink(path)!r}, which does not exist (from {pattern!r})"
+            )
     return files
+
+
+def _file_or_link(path: Path) -> bool:
+    """A file of a directory source: a regular file, or a symbolic link (a dangling one is reported, not skipped)."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+_BOM = "\ufeff"  # a UTF-8 byte-order mark (EF BB BF), which Windows editors write at the start of a file
 
 
 def _json_lines(lines, path: str, first: int = 1) -> Iterator[tuple[int, object]]:
     """Parse lines (bytes, or already decoded str) numbered from ``first``; one that is not UTF-8 or not JSON becomes
-    a DataFormatError."""
+    a DataFormatError. A byte-order mark at the start of the file (line 1) is dropped, as ``utf-8-sig`` reads it."""
     for number, line in enumerate(lines, start=first):
+        if number == 1:
+            line = line.removeprefix(_BOM.encode()) if isinstance(line, bytes) else line.removeprefix(_BOM)
         if not line.strip():
             continue
         try:
@@ -104,6 +129,7 @@ def _json_array(path: str) -> Iterator[tuple[int, object]]:
         line = raw.count(b"\n", 0, err.start) + 1
         bad = f"not valid UTF-8 (first bad byte at offset {err.start}, line {line})"
         text = raw.decode("utf-8", errors="surrogateescape")
+    text = text.removeprefix(_BOM)  # read as utf-8-sig: a byte-order mark is not part of the JSON
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -483,9 +509,19 @@ def read_piece(
 
 
 def parse_records(
-    items: Iterable[tuple[int, object]], path: str, fmt: str, stats: ReadStats, on_error: str = "raise", **options
+    items: Iterable[tuple[int, object]],
+    path: str,
+    fmt: str,
+    stats: ReadStats,
+    on_error: str = "raise",
+    max_chars: int | None = None,
+    **options,
 ) -> Iterator[Record]:
-    """Records of ``fmt`` from (line, parsed JSON value or DataFormatError) pairs of one file (``read_piece``)."""
+    """Records of ``fmt`` from (line, parsed JSON value or DataFormatError) pairs of one file (``read_piece``).
+
+    ``max_chars`` (``record_char_bound(max_len)``): text fields longer than this are cut before anything tokenises
+    them (``cut_long_text``), counted in ``stats.cut_long``; None keeps every field whole.
+    """
     kind, parse = record_kind(fmt), READERS[fmt][1]
     for line, raw in items:
         where = f"{path}:{line}"
@@ -508,5 +544,64 @@ def parse_records(
             if len(stats.skipped_examples) < 5:
                 stats.skipped_examples.append(f"{where}: empty {empty}")
             continue
+        if max_chars is not None and (cut := cut_long_text(fields, max_chars)) is not None:
+            fields = cut
+            stats.cut_long += 1
         stats.read += 1
         yield Record(fields, path, line)
+
+
+# ---- records longer than training can use ------------------------------------------------------------------------
+MAX_PIECE_CHARS = 16  # SentencePiece's max_sentencepiece_length (its default; LLaMA's and billa's Chinese model's):
+# no vocabulary piece spans more characters, so n characters of text encode to at least n / 16 tokens
+_CONTENT = re.compile(r"\S")
+
+
+def record_char_bound(max_len: int) -> int:
+    """The characters of one text field an example of at most ``max_len`` tokens can use, with a margin: ``max_len``
+    x 16 x 2 (32,768 for BiLLa's 1024).
+
+    ``max_len`` tokens span at most ``max_len`` x 16 characters (``MAX_PIECE_CHARS``), so a field cut at twice that
+    still fills the window, and the window ends ``max_len`` x 16 characters before the cut, out of reach of the few
+    pieces around the cut that tokenise differently. Objectives keep the first ``max_len`` tokens (``[: max_len]``),
+    so the cut leaves every example as it was; it only spares the tokenizer the rest (a 30 MB single-line record took
+    37 s and 4.1 GB to encode whole).
+    """
+    return max_len * MAX_PIECE_CHARS * 2
+
+
+def cut_long_text(fields: dict, max_chars: int) -> dict | None:
+    """``fields`` with every string longer than ``max_chars`` cut (``_cut``; also inside ``turns``), or None when
+    no string is that long."""
+    changed = False
+
+    def cut(value):
+        nonlocal changed
+        if isinstance(value, str) and len(value) > max_chars:
+            short = _cut(value, max_chars)
+            changed = changed or len(short) < len(value)
+            return short
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        return value
+
+    result = cut(fields)
+    return result if changed else None
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """The first ``max_chars`` characters of ``text``, kept so that what an objective makes of the field is unchanged.
+
+    Objectives use a field as it is (plain LM) or stripped (dialogue turns: ``strip``; task input: ``rstrip``), so:
+    leading whitespace counts apart (up to ``max_chars`` of it, then ``max_chars`` from the first non-blank
+    character), and a cut inside a run of blanks that more text follows keeps that text's first character, so that
+    ``rstrip`` removes no more than it would from the whole field.
+    """
+    start = _CONTENT.search(text)
+    start = start.start() if start else len(text)
+    kept = text[: min(start, max_chars)] + text[start : start + max_chars]
+    if kept[-1:].isspace() and (more := _CONTENT.search(text, start + max_chars)):
+        kept += more.group()
+    return kept
