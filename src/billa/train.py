@@ -302,6 +302,8 @@ def report_data(stats: dict) -> None:
         reasons = ("filtered", "skipped_malformed", "empty_text", "no_target_after_truncation")
         dropped = {k: counts.get(k, 0) for k in reasons}
         line = f"{split}: {counts.get('records', 0)} records -> {counts.get('examples', 0)} examples"
+        if counts.get("cut_long"):  # kept, cut to what a training window can use before tokenising
+            line += f" ({counts['cut_long']} records longer than a window's text cut before tokenising)"
         if any(dropped.values()):
             log.warning("Data report %s; not used: %s %s", line, dropped, counts.get("skipped_examples", [])[:3])
         else:

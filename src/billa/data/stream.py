@@ -198,7 +198,7 @@ def tokenise_file(
     """
     import pyarrow as pa
 
-    from billa.data.readers import parse_records
+    from billa.data.readers import parse_records, record_char_bound
     from billa.data.tokenise import tmp_suffix
 
     ctx = ObjectiveContext(
@@ -228,7 +228,15 @@ def tokenise_file(
         stats = ReadStats()
         if index == 0:
             stats.files.append(path)
-        records = parse_records(items, path, settings.fmt, stats, settings.on_error, **dict(settings.reader_options))
+        records = parse_records(
+            items,
+            path,
+            settings.fmt,
+            stats,
+            settings.on_error,
+            max_chars=record_char_bound(settings.max_len),  # a 30 MB one-line record costs no more than a window
+            **dict(settings.reader_options),
+        )
         rows = dropped = 0
         middles = None
         tmp = str(out / f"{index:05d}.arrow") + tmp_suffix()
@@ -258,6 +266,7 @@ def tokenise_file(
                     "filtered": stats.filtered,
                     "skipped_malformed": stats.skipped,
                     "empty_text": stats.empty,
+                    "cut_long": stats.cut_long,
                     "skipped_examples": stats.skipped_examples,
                     "no_target_after_truncation": dropped,
                 },
