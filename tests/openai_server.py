@@ -5,6 +5,7 @@ limits and malformed bodies go through the client's own code paths (no mock of t
 
     with OpenAIServer(respond=lambda messages, body: "42") as server:
         server.inject(Reply.rate_limited(retry_after=0.1), Reply.server_error())  # the next two requests fail
+        server.fault = lambda request: Reply.cut("答案为42") if ... else None    # a body cut inside a character
         ...  # point a client at server.url; server.requests records what arrived
 
 The ``openai_server`` fixture (a server that stops at the end of the test) is registered for every test by
@@ -35,6 +36,7 @@ class Reply:
     body: bytes | None = None  # raw body, sent as is (wins over content)
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0  # sleep before answering (longer than the client's timeout: a timeout)
+    cut_inside_char: bool = False  # send the completion cut inside a multi-byte UTF-8 character (see ``cut``)
 
     @staticmethod
     def rate_limited(retry_after: float = 0.05) -> Reply:
@@ -50,6 +52,13 @@ class Reply:
     def malformed() -> Reply:
         """HTTP 200 with a truncated JSON body (a proxy cut the response)."""
         return Reply(status=200, body=b'{"id": "chatcmpl-x", "object": "chat.completion", "choices": [{"ind')
+
+    @staticmethod
+    def cut(content: str) -> Reply:
+        """HTTP 200, a complete HTTP message whose body is the completion of ``content`` cut inside a multi-byte
+        UTF-8 character (a proxy that cut the body and set Content-Length to what it kept); ``content`` must hold a
+        non-ASCII character (Chinese text)."""
+        return Reply(content=content, cut_inside_char=True)
 
     @staticmethod
     def slow(delay_s: float, content: str = "too late") -> Reply:
@@ -75,6 +84,14 @@ class Request:
 
 
 Responder = Callable[[list[dict], dict], "str | Reply"]
+
+
+def cut_inside_multibyte(body: bytes) -> bytes:
+    """``body`` cut after the first byte of its middle multi-byte UTF-8 character: undecodable, and not JSON."""
+    starts = [i for i, byte in enumerate(body) if byte >= 0xC0]  # lead bytes of 2-4 byte characters
+    if not starts:
+        raise ValueError("cut_inside_char needs a body with a non-ASCII character (ensure_ascii=False completion)")
+    return body[: starts[len(starts) // 2] + 1]
 
 
 def _count_tokens(text: str) -> int:
@@ -239,6 +256,8 @@ class OpenAIServer:
                 if reply.delay_s and server._stopping.wait(reply.delay_s):
                     return
                 payload = reply.body if reply.body is not None else server._completion(reply, body)
+                if reply.cut_inside_char:
+                    payload = cut_inside_multibyte(payload)  # _send's Content-Length is the cut length
                 self._send(reply.status, payload, reply.headers)
 
         return Handler

@@ -226,3 +226,66 @@ def test_strict_score_parsing(parse, text, expected):
             parse(text)
     else:
         assert parse(text) == expected
+
+
+def _chinese_review(messages, body) -> str:
+    """The scripted review with a Chinese explanation, so a cut body can fall inside a multi-byte character."""
+    text = scripted_judge(messages, body)
+    return "先自己解题，再逐一核对。\n" + text if text.endswith(")") else text + "\n理由：回答一更完整，解释更清楚。"
+
+
+def test_bodies_cut_inside_a_character_are_retried_counted_and_never_fatal(openai_server, key_env, tmp_path):
+    """Some reviews arrive as complete HTTP messages whose body was cut inside a UTF-8 character. Bug caught: the
+    UnicodeDecodeError this raises in the openai client escaping the retry loop and ending the judge run; or the
+    retried reviews scored differently / lost, or the malformed bodies going uncounted."""
+    import threading
+
+    cuts, lock, seen = [], threading.Lock(), set()
+
+    def fault(request):
+        text = request.user_text
+        question = int(re.search(r"answer-[AB]-q(\d+)", text).group(1))
+        with lock:
+            first = text not in seen
+            seen.add(text)
+            if question % 2 and first:  # the first try of every odd question's reviews (both orders)
+                cuts.append(question)
+                return Reply.cut(_chinese_review(request.messages, request.body))
+        return None
+
+    openai_server.respond, openai_server.fault = _chinese_review, fault
+    result = judge(
+        _client(openai_server, tmp_path / "cache.jsonl"),
+        _write_answers(tmp_path),
+        str(tmp_path / "out"),
+        **_reviewers(),
+    )
+    assert len(cuts) == 8  # questions 1, 3, 5, 7 in both orders
+    assert result.metrics["flagged"] == 0 and result.details["usage"]["malformed"] == 8
+    assert result.details["usage"]["requests"] == 16 + 8 and result.details["usage"]["retries"] == 8
+    micro = _expected(list(BASE))
+    assert result.metrics["micro/a/mean"] == pytest.approx(micro["a"]) and result.metrics["position_bias"] == BONUS
+
+
+def test_judge_md_names_the_models_and_shows_the_position_bias(openai_server, key_env, tmp_path):
+    """judge.md, as evaluate.py writes it. Bugs caught: the position bias the README promises missing from the table
+    (only in the JSON), and nothing in the file saying which models were compared or who judged."""
+    from billa.evaluate.results import write_result
+
+    openai_server.respond = scripted_judge
+    result = judge(
+        _client(openai_server, tmp_path / "cache.jsonl"),
+        _write_answers(tmp_path),
+        str(tmp_path / "out"),
+        **_reviewers(),
+    )
+    table = result.tables["pairwise"]
+    bias = table.columns.index("position bias")
+    assert [row[bias] for row in table.rows] == [BONUS] * 6  # 4 categories, micro, macro: Assistant 1 +1 each time
+    assert result.metrics["coding/position_bias"] == BONUS
+    write_result(tmp_path / "out", "judge", result, header=result.details["header"])
+    markdown = (tmp_path / "out" / "judge.md").read_text()
+    header_row = next(line for line in markdown.splitlines() if line.startswith("| category |"))
+    assert "| verdict flips | position bias | flagged |" in header_row
+    assert "| A | model-A | " in markdown and "| B | model-B | " in markdown and "| judge | gpt-4 | http://" in markdown
+    assert "models: A = model-A, B = model-B; judge: gpt-4 at http://127.0.0.1:" in markdown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -24,7 +25,7 @@ def key_env(monkeypatch):
 
 def _client(server: OpenAIServer, key_env: str, **kwargs) -> ChatClient:
     options = dict(max_retries=4, backoff_s=0.01, backoff_max_s=1.0, timeout_s=2.0, seed=0)
-    return ChatClient("test-model", base_url=server.url, api_key_env=key_env, **{**options, **kwargs})
+    return ChatClient("test-model", api_key_env=key_env, **{"base_url": server.url, **options, **kwargs})
 
 
 def test_answer_usage_and_cache_across_clients(openai_server, key_env, tmp_path):
@@ -239,3 +240,65 @@ def test_a_key_pasted_as_the_variable_name_is_refused_without_echo(openai_server
     with pytest.raises(ValueError, match="must be the NAME of an environment variable") as err:
         ChatClient("test-model", base_url=openai_server.url, api_key_env=KEY)
     assert KEY not in str(err.value)
+
+
+def test_body_cut_inside_a_multibyte_character_is_retried_counted_and_not_fatal(openai_server, key_env):
+    """A complete HTTP 200 whose JSON body was cut inside a UTF-8 character (Chinese text behind a proxy): the
+    ``openai`` client raises UnicodeDecodeError, not a JSON error. Bug caught: that error escaping the retry loop
+    (it killed rationale.py after 46 of 60 records) instead of counting as a malformed body."""
+    from .openai_server import cut_inside_multibyte
+
+    body = json.dumps({"choices": [{"message": {"content": "答案为42"}}]}, ensure_ascii=False).encode()
+    with pytest.raises(UnicodeDecodeError, match="unexpected end of data"):
+        cut_inside_multibyte(body).decode("utf-8")  # the server's cut really falls inside a character
+
+    openai_server.respond = lambda messages, body: "解：六乘以七等于四十二。答案为42"
+    openai_server.inject(Reply.cut("解：六乘以七。答案为42"), Reply.cut("答案为42，因为六乘以七等于四十二"))
+    client = _client(openai_server, key_env)
+    assert client.chat(MESSAGES).text == "解：六乘以七等于四十二。答案为42"
+    assert (client.usage.requests, client.usage.retries, client.usage.malformed) == (3, 2, 2)
+
+    openai_server.respond = lambda messages, body: Reply.cut("每一个回答都被截断了")
+    client = _client(openai_server, key_env, max_retries=1)
+    with pytest.raises(ChatFailed, match=r"malformed response \(UnicodeDecodeError.*gave up after 2 requests") as err:
+        client.chat([{"role": "user", "content": "another question"}])
+    assert not err.value.fatal and client.usage.malformed == 2
+
+
+def test_credentials_in_base_url_never_reach_an_error_message(key_env):
+    """``client.base_url=http://user:sk-...@host/v1``: bug caught: the URL (key included) echoed verbatim in the
+    pre-flight and per-request error messages that land in rationale.log / evaluate.log."""
+    secret = "sk-in-the-url-0123456789"
+    with OpenAIServer(api_key=KEY) as server:
+        url = server.url.replace("http://", f"http://billa:{secret}@")
+        with socket.socket() as probe:  # a port nothing listens on: the pre-flight cannot connect
+            probe.bind(("127.0.0.1", 0))
+            closed = url.replace(str(server._httpd.server_address[1]), str(probe.getsockname()[1]))
+        client = _client(server, key_env, base_url=closed)
+        with pytest.raises(OpenAIConfigError) as unreachable:
+            client.preflight()
+        server.respond = lambda messages, body: Reply(status=400, body=b'{"error": {"message": "bad request"}}')
+        with pytest.raises(ChatFailed) as rejected:
+            _client(server, key_env, base_url=url).chat(MESSAGES)
+    for message in (str(unreachable.value), str(rejected.value)):
+        assert secret not in message and "http://***@127.0.0.1:" in message, message
+
+
+def test_setup_logging_keeps_httpx_request_lines_out_of_the_log(openai_server, key_env, caplog):
+    """Bug caught: openai's HTTP client logging "HTTP Request: POST ... 200 OK" at INFO for every request, thousands
+    of lines in rationale.log and evaluate.log (quieting "httpx" missed it: openai now sends through httpx2); its
+    warnings must still show."""
+    import logging
+
+    from billa.utils.logging import CHATTY_LOGGERS, setup_logging
+
+    for name in CHATTY_LOGGERS:
+        caplog.set_level(logging.NOTSET, logger=name)  # as a fresh process has them (restored after the test)
+    with caplog.at_level(logging.INFO):
+        _client(openai_server, key_env).chat(MESSAGES)
+        assert any(r.name.startswith("httpx") for r in caplog.records)  # openai's http client (httpx or httpx2)
+        caplog.clear()
+        setup_logging()
+        _client(openai_server, key_env).chat([{"role": "user", "content": "again"}])
+    assert [r.getMessage() for r in caplog.records if r.name.startswith(("httpx", "httpcore"))] == []
+    assert all(logging.getLogger(name).isEnabledFor(logging.WARNING) for name in CHATTY_LOGGERS)

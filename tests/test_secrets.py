@@ -90,3 +90,62 @@ def test_module_hyperparameters_and_checkpoints_are_redacted(compose, tmp_path, 
         saved["model"]["hf_token"] == REDACTED
         and saved["model"]["architecture"] == module.hparams.model["architecture"]
     )
+
+
+def test_url_credentials_are_masked_in_configs_and_text():
+    """``client.base_url=http://user:sk-...@host/v1``: the key is in no environment variable, so the value rule
+    misses it. Bug caught: the URL logged (and dumped) verbatim; or the whole URL masked, hiding the host."""
+    from billa.utils.secrets import redact_text
+
+    config = {
+        "client": {"base_url": "http://billa:sk-url-0123456789@10.0.0.5:8000/v1", "model": "gpt-4"},
+        "mirror": "https://sk-bare-key-0123@proxy.example.org/v1/chat",
+        "plain": "http://127.0.0.1:8000/v1",
+        "email_like": "see user@example.org, or http://example.org/a@b",
+    }
+    clean = redact(config, secrets=[])
+    assert clean["client"] == {"base_url": "http://***@10.0.0.5:8000/v1", "model": "gpt-4"}
+    assert clean["mirror"] == "https://***@proxy.example.org/v1/chat"
+    assert clean["plain"] == config["plain"] and clean["email_like"] == config["email_like"]
+    message = "cannot reach http://billa:sk-url-0123456789@10.0.0.5:8000/v1 (client.base_url): refused; key sk-env-99"
+    assert redact_text(message, secrets=["sk-env-99"]) == (
+        "cannot reach http://***@10.0.0.5:8000/v1 (client.base_url): refused; key ***"
+    )
+
+
+def test_hydra_files_are_rewritten_without_secrets(tmp_path):
+    """The three files Hydra writes before the job runs. Bugs caught: a key in an override (``base_url`` with
+    credentials, ``+x.api_key=...``) or in the composed config left in ``.hydra/*.yaml``; files without a secret
+    rewritten (their formatting changed) for nothing."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from billa.utils.secrets import redact_hydra_files
+
+    hydra_dir = tmp_path / ".hydra"
+    hydra_dir.mkdir()
+    url = "http://billa:sk-url-0123456789@10.0.0.5:8000/v1"
+    overrides = [f"client.base_url={url}", "+judge.api_key=sk-pasted-0123456789", "input=tasks.jsonl"]
+    config = {"input": "tasks.jsonl", "client": {"base_url": url, "model": "gpt-4"}, "judge": {"extra": "${oc.env:X}"}}
+    OmegaConf.save(OmegaConf.create(config), hydra_dir / "config.yaml")  # as Hydra writes them
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": overrides}, "job": {"name": "rationale"}}}),
+                   hydra_dir / "hydra.yaml")  # fmt: skip
+    OmegaConf.save(OmegaConf.create(overrides), hydra_dir / "overrides.yaml")
+    untouched = tmp_path / "plain" / ".hydra"
+    untouched.mkdir(parents=True)
+    (untouched / "overrides.yaml").write_text("# kept as is\n- input=tasks.jsonl\n")
+
+    rewritten = redact_hydra_files(hydra_dir, secrets=[])
+    assert sorted(p.name for p in rewritten) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    for path in rewritten:
+        assert "sk-url-0123456789" not in path.read_text() and "sk-pasted" not in path.read_text()
+    masked = ["client.base_url=http://***@10.0.0.5:8000/v1", "+judge.api_key=***", "input=tasks.jsonl"]
+    assert yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) == masked
+    assert yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]["overrides"]["task"] == masked
+    saved = OmegaConf.load(hydra_dir / "config.yaml")  # still a config Hydra can read, interpolations kept
+    assert (
+        saved.client.base_url == "http://***@10.0.0.5:8000/v1"
+        and saved.judge._get_node("extra")._value() == "${oc.env:X}"
+    )
+    assert redact_hydra_files(untouched, secrets=[]) == []
+    assert (untouched / "overrides.yaml").read_text() == "# kept as is\n- input=tasks.jsonl\n"

@@ -7,14 +7,17 @@ on top of the ``openai`` package:
 - bounded concurrency (``map_unordered`` runs at most ``max_concurrency`` calls at once in threads);
 - a client-side rate limit (``requests_per_minute``) shared by all threads; a 429 pauses every thread;
 - retries with exponential backoff and jitter on 429, 5xx, timeouts, connection errors and malformed response
-  bodies (``Retry-After`` is honoured), up to ``max_retries`` extra requests;
+  bodies (``Retry-After`` is honoured), up to ``max_retries`` extra requests; a malformed body is any 200 answer
+  that cannot be decoded (a body cut inside a multi-byte character), parsed as JSON or read as a completion, and
+  each is counted (``Usage.malformed``);
 - content retries: a caller's ``parse`` that raises ``UnparsableResponse`` (a judge line without scores, a
   rationale with the wrong answer) asks again, up to ``attempts`` answers in all, then ``ContentRejected``;
 - an append-only response cache keyed by the request, so a killed job never pays twice for an answer it received;
 - token usage accounting.
 
 The API key is read from the environment variable named by ``api_key_env`` and never stored in config, logs,
-errors or the cache. This module imports neither torch nor lightning, so a CLI built on it starts fast.
+errors or the cache; credentials inside ``base_url`` (``http://user:key@host/v1``) are masked in every message.
+This module imports neither torch nor lightning, so a CLI built on it starts fast.
 
     client = ChatClient("gpt-4", base_url="https://api.openai.com/v1", max_concurrency=4, requests_per_minute=200,
                         cache_path="reviews.responses.jsonl", params={"temperature": 0.2, "max_tokens": 512})
@@ -47,8 +50,10 @@ from typing import Any, TypeVar
 
 import httpx
 import openai
+import pydantic
 
 from billa.utils.jsonl import JsonlAppender
+from billa.utils.secrets import REDACTED, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,17 @@ class UnparsableResponse(ValueError):
 
 class MalformedResponse(ValueError):
     """A 200 answer without usable message text (retried like a transient failure)."""
+
+
+# What a 200 body that is not a readable completion raises inside ``chat.completions.create``: undecodable bytes
+# (UnicodeDecodeError: the body was cut inside a multi-byte character), not JSON, or JSON of the wrong shape.
+MALFORMED_BODY = (
+    UnicodeError,
+    json.JSONDecodeError,
+    pydantic.ValidationError,
+    openai.APIResponseValidationError,
+    MalformedResponse,
+)
 
 
 class ChatFailed(RuntimeError):
@@ -117,6 +133,7 @@ class Usage:
 
     requests: int = 0  # HTTP requests sent (including retried ones)
     retries: int = 0  # requests that failed and were retried
+    malformed: int = 0  # 200 answers whose body could not be decoded, parsed or read (each retried or failed)
     cached: int = 0  # answers served from the response cache
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -329,10 +346,16 @@ class ChatClient:
             )
         return key
 
+    @property
+    def where(self) -> str:
+        """``base_url`` as messages show it: credentials in the URL masked."""
+        return redact_url(str(self.base_url))
+
     def _scrub(self, text: str) -> str:
-        """``text`` with the API key (should a server echo it) replaced by ``***``."""
+        """``text`` with the API key (should a server echo it) and any URL credentials replaced by ``***``."""
         key = os.environ.get(self.api_key_env or "", "").strip()
-        return text.replace(key, "***") if len(key) >= 4 else text
+        text = text.replace(key, REDACTED) if len(key) >= 4 else text
+        return redact_url(text)
 
     @property
     def openai(self) -> openai.OpenAI:
@@ -351,7 +374,7 @@ class ChatClient:
             OpenAIConfigError: naming the environment variable or ``client.base_url`` and what went wrong.
         """
         client = self.openai  # raises when the key is missing
-        where = f"{self.base_url} (client.base_url)"
+        where = f"{self.where} (client.base_url)"
         try:
             models = client.models.list(timeout=self.preflight_timeout_s)
         except openai.AuthenticationError:
@@ -359,7 +382,7 @@ class ChatClient:
         except openai.PermissionDeniedError:
             raise OpenAIConfigError(f"{where}: the key in ${self.api_key_env} may not list models (HTTP 403)") from None
         except openai.NotFoundError:
-            log.info("%s has no GET /models; reachable, model list not checked", self.base_url)
+            log.info("%s has no GET /models; reachable, model list not checked", self.where)
             return
         except openai.APIConnectionError as err:  # includes timeouts
             cause = self._scrub(str(err.__cause__ or err))
@@ -367,7 +390,9 @@ class ChatClient:
         except openai.APIStatusError as err:
             raise OpenAIConfigError(f"{where} answered HTTP {err.status_code} to GET /models") from None
         except (ValueError, httpx.HTTPError, openai.APIResponseValidationError) as err:  # not an OpenAI-style API
-            raise OpenAIConfigError(f"{where} is not an OpenAI-compatible API: GET /models gave {err!r}") from None
+            raise OpenAIConfigError(
+                f"{where} is not an OpenAI-compatible API: GET /models gave {self._scrub(repr(err))}"
+            ) from None
         ids = [m.id for m in getattr(models, "data", None) or []]
         if ids and self.model not in ids:
             log.warning("model %r is not among the %d models %s lists (client.model)", self.model, len(ids), where)
@@ -418,14 +443,15 @@ class ChatClient:
                 status = err.status_code
                 if status not in (408, 409, 429) and status < 500:
                     fatal = status in (401, 403, 404)
-                    message = f"HTTP {status} from {self.base_url}: {self._scrub(err.message)}"
+                    message = f"HTTP {status} from {self.where}: {self._scrub(err.message)}"
                     raise ChatFailed(message, status=status, fatal=fatal) from None
                 reason, retry_after = f"HTTP {status}", _retry_after(err)
             except openai.APITimeoutError:
                 reason, status = f"timeout after {params.get('timeout', self.timeout_s):g} s", None
             except openai.APIConnectionError as err:
                 reason, status = f"connection error ({self._scrub(str(err.__cause__ or err))})", None
-            except (json.JSONDecodeError, openai.APIResponseValidationError, MalformedResponse) as err:
+            except MALFORMED_BODY as err:  # never fatal: a proxy cut the body, the next answer is likely whole
+                self.usage.add(malformed=1)
                 reason, status = f"malformed response ({type(err).__name__}: {self._scrub(str(err))[:120]})", None
             if retry == self.max_retries or self._stopping.is_set():
                 raise ChatFailed(f"{reason}; gave up after {retry + 1} requests", status=status)

@@ -4,7 +4,8 @@ FastChat's v1 review (the one behind BiLLa's GPT-4 tables) shows the question an
 "Assistant 2" and asks for two 1-10 scores; BiLLa showed its model's answer in one position only, and judges favour
 a position. Here every question is reviewed twice, with A first (order ``ab``) and with B first (``ba``); the
 table reports each model's mean score per order, the mean of both orders, how often the verdict (who scored
-higher) flips when the order flips, and the position bias (mean score of Assistant 1 minus Assistant 2).
+higher) flips when the order flips, and the position bias (mean score of Assistant 1 minus Assistant 2), per category
+and over all; a second table names the two models, their answer files and the judge.
 
 Scores are parsed strictly per reviewer (``first_line``: "8 6" alone on the first line; ``last_line_tuple``: "(8, 6)"
 alone on the last line, for math). An unparsable review is asked again (``attempts``), then flagged: flagged and
@@ -27,6 +28,7 @@ from billa.evaluate.multiple_choice import resolve_path
 from billa.evaluate.results import Table, TaskResult
 from billa.openai_client import ChatClient, ChatFailed, ContentRejected, UnparsableResponse
 from billa.utils.logging import get_logger
+from billa.utils.secrets import redact_text
 
 log = get_logger(__name__)
 
@@ -159,15 +161,24 @@ def judge(
         for review in reviews:  # question order, then ab before ba: the same file on every rerun
             handle.write(json.dumps(results[(review.question_id, review.order)], ensure_ascii=False) + "\n")
     result = summarise([results[(r.question_id, r.order)] for r in reviews], labels)
+    judge_name = f"{client.model} at {client.where}"
+    result.tables["models"] = Table(
+        ["role", "name", "source"],
+        [["A", labels[0], redact_text(str(answer_files[0]))], ["B", labels[1], redact_text(str(answer_files[1]))]]
+        + [["judge", client.model, client.where]],
+    )
+    result.details["header"] = f"models: A = {labels[0]}, B = {labels[1]}; judge: {judge_name}"
     result.files.append(str(path))
     result.details["usage"] = usage_counts(client)
     log.info("judge: %s", result.details["usage"])
+    if result.details["usage"]["malformed"]:
+        log.warning("judge: %d answers had a malformed body and were asked again", result.details["usage"]["malformed"])
     return result
 
 
 def usage_counts(client: ChatClient) -> dict[str, int]:
     """The client's running totals (read field by field: ``Usage.as_dict`` deep-copies its lock and fails)."""
-    names = ("requests", "retries", "cached", "prompt_tokens", "completion_tokens")
+    names = ("requests", "retries", "malformed", "cached", "prompt_tokens", "completion_tokens")
     return {name: int(getattr(client.usage, name)) for name in names}
 
 
@@ -241,6 +252,7 @@ def summarise(records: list[dict], labels: list[str]) -> TaskResult:
         f"{b} mean",
         "A/B",
         "verdict flips",
+        "position bias",
         "flagged",
     ]
     rows, metrics = [], {}
@@ -259,6 +271,7 @@ def summarise(records: list[dict], labels: list[str]) -> TaskResult:
                 s["b"],
                 s["a"] / s["b"] if s["b"] else float("nan"),
                 s["flip_rate"],
+                s["position_bias"],
                 n_flagged,
             ]
         )
@@ -266,7 +279,8 @@ def summarise(records: list[dict], labels: list[str]) -> TaskResult:
             metrics[f"{group}/{key[0]}/order_{key[2:]}"] = s[key]
         metrics[f"{group}/a/mean"], metrics[f"{group}/b/mean"] = s["a"], s["b"]
         metrics[f"{group}/flip_rate"] = s["flip_rate"]
-    metrics["position_bias"] = _mean([r["assistant_1"] - r["assistant_2"] for r in ok])
+        metrics[f"{group}/position_bias"] = s["position_bias"]
+    metrics["position_bias"] = stats["micro"]["position_bias"]
     metrics["flagged"] = len(flagged)
     details = {"labels": {"a": a, "b": b}, "flagged": flagged}
     if flagged:
@@ -297,4 +311,5 @@ def _category_stats(ok: list[dict]) -> dict:
         "a": _mean([r["scores"]["a"] for r in ok]),
         "b": _mean([r["scores"]["b"] for r in ok]),
         "flip_rate": _mean([float(verdict(v["ab"]) != verdict(v["ba"])) for v in both]),
+        "position_bias": _mean([r["assistant_1"] - r["assistant_2"] for r in ok]),  # > 0: the first answer is favoured
     }

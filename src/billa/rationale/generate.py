@@ -27,6 +27,8 @@ from billa.openai_client import ChatClient, ChatFailed, ChatResult, ContentRejec
 from billa.rationale.answers import answer_start, check_answer, gold_answer
 from billa.rationale.prompts import CJK, Template, TemplateSet
 from billa.utils.jsonl import JsonlAppender, read_jsonl
+from billa.utils.logging import setup_logging
+from billa.utils.secrets import redact_hydra_files
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,7 @@ class Scan:
     finished: int = 0  # already in the output or rejected file
     pending: int = 0
     prompt_tokens: int = 0  # estimated, pending records
+    gold_unreadable: int = 0  # pending records whose gold answer cannot be read: rejected without a request
 
 
 def scan(cfg: DictConfig, templates: TemplateSet, finished: set[str]) -> Scan:
@@ -157,6 +160,7 @@ def scan(cfg: DictConfig, templates: TemplateSet, finished: set[str]) -> Scan:
             stats.finished += 1
         elif cfg.limit is None or stats.pending < cfg.limit:
             stats.pending += 1
+            stats.gold_unreadable += task.gold is None
             stats.prompt_tokens += _messages_tokens(task.template.messages(task.input, task.gold or task.output))
     return stats
 
@@ -232,6 +236,7 @@ def _dry_run(cfg: DictConfig, templates: TemplateSet, finished: set[str], stats:
         "records": stats.records,
         "finished": stats.finished,
         "pending": stats.pending,
+        "gold_unreadable": stats.gold_unreadable,
         "estimated_prompt_tokens": stats.prompt_tokens,
         "max_completion_tokens": completion,
     }
@@ -252,7 +257,8 @@ def _progress(cfg: DictConfig, total: int):
 
 def run(cfg: DictConfig) -> dict:
     """Generate rationales for ``cfg.input`` into ``cfg.output`` (see conf/rationale.yaml); returns the counts."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    setup_logging()  # also keeps httpx's one INFO line per request out of rationale.log
+    redact_hydra_files()  # a key in client.base_url (http://user:key@host) must not stay in .hydra/*.yaml
     if cfg.answer_attempts < 1:
         raise RationaleError(f"answer_attempts={cfg.answer_attempts}: expected an integer >= 1")
     if cfg.on_error not in ("raise", "skip"):
@@ -265,6 +271,13 @@ def run(cfg: DictConfig) -> dict:
     finished = _finished_ids(paths)
     stats = scan(cfg, templates, finished)
     log.info("%s: %d records, %d already finished, %d to do", cfg.input, stats.records, stats.finished, stats.pending)
+    if stats.gold_unreadable:
+        log.warning(
+            "%d of the %d records to do have an unreadable gold answer for their template's check: they will be "
+            "rejected without a request (dry_run=true shows them as gold None)",
+            stats.gold_unreadable,
+            stats.pending,
+        )
     if cfg.dry_run:
         return _dry_run(cfg, templates, finished, stats)
 
@@ -295,6 +308,11 @@ def run(cfg: DictConfig) -> dict:
     summary = {**counts, "finished_before": stats.finished, "skipped": stats.skipped, **client.usage.as_dict()}
     summary.update(output=str(paths.output), rejected_file=str(paths.rejected))
     log.info("rationales: %s", summary)
+    if summary["malformed"]:
+        log.warning(
+            "%d answers arrived with a malformed body (cut, undecodable or not a completion) and were asked again",
+            summary["malformed"],
+        )
     if counts["failed"]:
         log.warning("%d records got no answer from the API; rerun the same command to retry them", counts["failed"])
     return summary

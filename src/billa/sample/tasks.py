@@ -282,17 +282,24 @@ def stage2_task_sets(sentences: list[dict], documents: list[tuple[str, str, list
     """The ten stage-2 task sets (BiLLa's names), ``n`` records each, as ``{"id", "input", "output", "type"}``.
 
     ``type`` is the source data set's name as in BiLLa's data (``ape210k``, ``squad2``, ``cnewsum-gen-abs`` ...);
-    ``data.prompt_types`` maps each to a prompt-file stem of the prompt set.
+    ``data.prompt_types`` maps each to a prompt-file stem of the prompt set, and rationale.py's ``templates`` to a
+    rationale template whose answer check must read the record's gold answer. A set mixing two kinds of record
+    (en-reasoning: option letters and numbers) gives each record its own type (``make`` returns it third).
     """
     docs = _Docs(documents)
 
-    def task_set(name: str, type_: str, make: Callable[[random.Random], tuple[str, str]]) -> list[dict]:
+    def task_set(name: str, type_: str, make: Callable[[random.Random], tuple[str, ...]]) -> list[dict]:
         rng = random.Random(f"billa-sample-{name}")
 
         def records():
             for i in range(n):
-                question, answer = make(rng)
-                yield {"id": f"{name}-{i:05d}", "input": question, "output": answer, "type": type_}
+                question, answer, *own_type = make(rng)
+                yield {
+                    "id": f"{name}-{i:05d}",
+                    "input": question,
+                    "output": answer,
+                    "type": own_type[0] if own_type else type_,
+                }
 
         return _numbered(records(), n)
 
@@ -302,9 +309,9 @@ def stage2_task_sets(sentences: list[dict], documents: list[tuple[str, str, list
 
     def en_reasoning(rng):
         if rng.random() < 0.5:
-            return _multiple_choice(rng)
+            return (*_multiple_choice(rng), "mathqa")  # the answer is an option letter: MathQA's choice template
         problem = _mwp(rng)
-        return problem["en_q"], _en_math_output(problem)
+        return problem["en_q"], _en_math_output(problem), "gsm8k"  # a number: GSM8K-style, the math template
 
     return {
         "zh-qa-long": task_set("zh-qa-long", "webqa", lambda rng: _qa_long(rng, sentences)),
