@@ -34,7 +34,7 @@ from billa.model_card import ModelCard, hub_datasets, hydra_choice, hydra_comman
 from billa.progress import progress_callbacks
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.logging import get_logger, setup_logging
-from billa.utils.secrets import redact
+from billa.utils.secrets import redact, redact_hydra_files
 
 log = get_logger(__name__)
 
@@ -349,6 +349,7 @@ def run(cfg: DictConfig) -> dict:
         ``resumed_from`` and, with ``export.verify``, ``export_max_abs_logit_diff``.
     """
     setup_logging()
+    redact_hydra_files()  # a key inside a URL or an override never stays in .hydra/*.yaml
     hardware = plan_hardware(cfg, validate(cfg))
     log.info("Stage %s, model %s, %s", cfg.stage_name, cfg.model.name, hardware.batch)
     ckpt_path = resume_checkpoint(cfg, hardware)

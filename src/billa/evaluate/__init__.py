@@ -19,7 +19,7 @@ from billa.config import ConfigError
 from billa.evaluate.lm import EvalLM, find_export, load_lm
 from billa.evaluate.results import log_result, write_result
 from billa.utils.logging import get_logger, setup_logging
-from billa.utils.secrets import redact
+from billa.utils.secrets import redact, redact_hydra_files
 
 log = get_logger(__name__)
 
@@ -65,6 +65,7 @@ def run(cfg: DictConfig) -> dict:
         ``output_dir``, ``model_path`` (None when no task needed a model) and ``metrics``: task -> its metrics.
     """
     setup_logging()
+    redact_hydra_files()  # a key inside a URL or an override never stays in .hydra/*.yaml
     tasks = dict(cfg.get("task") or {})
     if not tasks:
         raise ConfigError("`task` is empty: choose task=ppl, logiqa2, c3, answers, judge, report or a list [ppl,c3]")
@@ -85,7 +86,7 @@ def run(cfg: DictConfig) -> dict:
             runtime["output_dir"] = str(out)
         log.info("Task %s", name)
         result = fn(**runtime)
-        files = write_result(out, name, result, header=f"model: {summary['model_id'] or '-'}")
+        files = write_result(out, name, result, header=result.details.get("header") or f"model: {summary['model_id'] or '-'}")
         log_result(logger, name, result)
         summary["metrics"][name] = result.metrics
         (out / "results.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")
