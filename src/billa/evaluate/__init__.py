@@ -86,7 +86,9 @@ def run(cfg: DictConfig) -> dict:
             runtime["output_dir"] = str(out)
         log.info("Task %s", name)
         result = fn(**runtime)
-        files = write_result(out, name, result, header=result.details.get("header") or f"model: {summary['model_id'] or '-'}")
+        files = write_result(
+            out, name, result, header=result.details.get("header") or f"model: {summary['model_id'] or '-'}"
+        )
         log_result(logger, name, result)
         summary["metrics"][name] = result.metrics
         (out / "results.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")
