@@ -141,6 +141,20 @@ def test_exit_on_error_prints_one_block_and_logs_the_trace_only_to_the_file(tmp_
             handler.close()
 
 
+def test_chat_questions_file_errors_name_the_key_file_and_line(tmp_path):
+    """Bug caught: a malformed ``questions_file`` line ending chat.py with json's bare 'Expecting value' traceback
+    (no file, no line) instead of a billa error naming ``questions_file``, the file and the line."""
+    from billa.chat import _read_prompts
+
+    path = tmp_path / "questions.jsonl"
+    path.write_text('{"text": "hi"}\n{"text": broken}\n')
+    with pytest.raises(BillaError, match=rf"questions_file={path}:2: not valid JSON"):
+        _read_prompts(str(path))
+    path.write_text('plain question\n{"text": ["not", "a", "string"]}\n')
+    with pytest.raises(BillaError, match=rf"questions_file={path}:2: expected a jsonl record"):
+        _read_prompts(str(path))
+
+
 def test_torch_weights_only_failure_becomes_billa_message(tmp_path):
     """Bug caught: an old-format (non-zip) ``.bin`` that the pre-check cannot read reaching the user as torch's
     'Weights only load failed ... Re-running with weights_only=False will likely succeed' advice."""

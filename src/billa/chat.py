@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from billa.data.readers import DataFormatError
 from billa.distributed.safe_load import pretrained_loading
 from billa.templates import dialogue_prompt
 from billa.utils.errors import MissingInputError
@@ -81,10 +82,15 @@ def _read_prompts(path: str) -> list[str]:
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
-            record = json.loads(line)
-            text = record.get("text") or record.get("question")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"questions_file={path}:{number}: not valid JSON ({err.msg})") from None
+            text = record.get("text") or record.get("question") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: expected a jsonl record with a string 'text' or 'question'")
+                raise DataFormatError(
+                    f"questions_file={path}:{number}: expected a jsonl record with a string 'text' or 'question'"
+                )
             prompts.append(text)
         else:
             prompts.append(line)
