@@ -6,9 +6,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="chat")
 def main(cfg: DictConfig) -> list:
-    from billa.chat import run
+    from billa.cli import chat  # imported here so `--help` and `--cfg job` stay fast
 
-    return run(cfg)
+    return chat(cfg)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="convert")
 def main(cfg: DictConfig) -> dict:
-    from billa.convert import run
+    from billa.cli import convert  # imported here so `--help` and `--cfg job` stay fast
 
-    return run(cfg)
+    return convert(cfg)
 
 
 if __name__ == "__main__":

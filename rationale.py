@@ -6,13 +6,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="rationale")
 def main(cfg: DictConfig) -> dict:
-    from billa.openai_client import OpenAIConfigError
-    from billa.rationale import RationaleError, run
+    from billa.cli import rationale  # imported here so `--help` and `--cfg job` stay fast
 
-    try:
-        return run(cfg)
-    except (OpenAIConfigError, RationaleError) as err:  # a user's mistake: its message, not a traceback
-        raise SystemExit(f"rationale.py: error: {err}") from None
+    return rationale(cfg)
 
 
 if __name__ == "__main__":

@@ -339,7 +339,7 @@ def test_killed_run_resumes_exactly_once_without_repaying(openai_server, tmp_pat
     out = tmp_path / "data" / "rationales.jsonl"
     no_key = _run_cli(openai_server, tasks, out, tmp_path / "run0", key=None)
     _, err = no_key.communicate(timeout=60)
-    assert no_key.returncode == 1 and f"rationale.py: error: no API key: the environment variable {KEY_ENV}" in err
+    assert no_key.returncode == 2 and f"billa: error: no API key: the environment variable {KEY_ENV}" in err
     assert "Traceback" not in err and openai_server.requests == []
 
     first = _run_cli(openai_server, tasks, out, tmp_path / "run1")

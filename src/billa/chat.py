@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from billa.data.readers import DataFormatError
+from billa.distributed.safe_load import pretrained_loading
 from billa.templates import dialogue_prompt
+from billa.utils.errors import MissingInputError
 from billa.utils.logging import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -26,7 +29,7 @@ def latest_export(root: str | Path = "outputs") -> str:
     """The newest HF export under ``root`` (``<root>/**/hf/config.json``), for commands run after ``train.py``."""
     exports = sorted(Path(root).glob("**/hf/config.json"), key=lambda p: p.stat().st_mtime)
     if not exports:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model_path: no exported model under {Path(root).absolute()}/**/hf; run `python train.py` first or set "
             "model_path=<HF model directory>"
         )
@@ -49,8 +52,10 @@ class Chat:
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", **generation):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+        with pretrained_loading(model_path, "model_path"):  # billa's message for untrusted .bin weights, not torch's
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model = self.model.to(device).eval()
         self.device = device
         self.generation = {k: v for k, v in generation.items() if v is not None}
         if not self.generation.get("do_sample"):
@@ -77,10 +82,15 @@ def _read_prompts(path: str) -> list[str]:
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
-            record = json.loads(line)
-            text = record.get("text") or record.get("question")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"questions_file={path}:{number}: not valid JSON ({err.msg})") from None
+            text = record.get("text") or record.get("question") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: expected a jsonl record with a string 'text' or 'question'")
+                raise DataFormatError(
+                    f"questions_file={path}:{number}: expected a jsonl record with a string 'text' or 'question'"
+                )
             prompts.append(text)
         else:
             prompts.append(line)

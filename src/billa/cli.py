@@ -1,23 +1,28 @@
-"""What ``train.py`` runs: a pipeline, the mask inspector or one stage, chosen from the composed config.
+"""What the entry points run: each door (``train.py``, ``evaluate.py``, ``convert.py``, ``chat.py``, ``rationale.py``)
+calls one function here, which runs its command inside billa's one error path (``billa.utils.errors``).
 
-The layers: the door (``train.py``) -> here -> ``billa.pipeline`` (a chain of stages, each one ``billa.train.run``)
-or ``billa.train.run`` itself. Nothing below imports this module or the pipeline.
+The layers: the door -> here -> ``billa.pipeline`` (a chain of stages, each one ``billa.train.run``),
+``billa.train.run``, ``billa.evaluate.run``, ``billa.convert.run``, ``billa.chat.run`` or ``billa.rationale.run``.
+Nothing below imports this module.
 
-A ``ConfigError`` (a bad value the user can fix by changing the named keys) ends the process with one
-``billa: error: ...`` block and exit status 2, like a bad Hydra group choice; ``HYDRA_FULL_ERROR=1`` re-raises it with
-its stack trace. Every other exception propagates unchanged.
+An error billa raises on purpose (a config value, a malformed data file, an untrusted checkpoint, a missing file
+named by a config key) ends the process with one ``billa: error: ...`` block and exit status 2, like a bad Hydra
+group choice; its stack trace goes to the run's log file, and ``HYDRA_FULL_ERROR=1`` re-raises it. Every other
+exception propagates unchanged. Under ``-m`` the first job that fails this way ends the sweep.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
-from billa.config import exit_on_config_error
+from billa.utils.errors import exit_on_error
 
 
 def train(cfg: DictConfig) -> dict:
     """``python train.py``: ``pipeline=<name>`` runs that pipeline, ``inspect=N`` prints samples, else one stage."""
-    with exit_on_config_error():
+    with exit_on_error():
         if cfg.pipeline.steps:
             from billa.pipeline import command_line_overrides, run_pipeline
 
@@ -27,5 +32,43 @@ def train(cfg: DictConfig) -> dict:
 
             return inspect_stage(cfg)
         from billa.train import run
+
+        return run(cfg)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """``python evaluate.py``: run the configured tasks, then print each task's markdown table."""
+    with exit_on_error():
+        from billa.evaluate import run
+
+        result = run(cfg)
+    for task in result["metrics"]:
+        print(Path(result["output_dir"], f"{task}.md").read_text(encoding="utf-8"))
+    return result
+
+
+def convert(cfg: DictConfig) -> dict:
+    """``python convert.py op=<name>``: one conversion (``conf/op/``)."""
+    with exit_on_error():
+        from billa.convert import run
+
+        return run(cfg)
+
+
+def chat(cfg: DictConfig) -> list:
+    """``python chat.py``: answer the configured prompts (or chat on a terminal) with an exported model."""
+    with exit_on_error():
+        from billa.chat import run
+
+        return run(cfg)
+
+
+def rationale(cfg: DictConfig) -> dict:
+    """``python rationale.py``: stage-2 rationales; a missing API key or a dead endpoint is a billa error."""
+    from billa.openai_client import OpenAIConfigError
+    from billa.rationale import RationaleError
+
+    with exit_on_error(also=(OpenAIConfigError, RationaleError)):
+        from billa.rationale import run
 
         return run(cfg)

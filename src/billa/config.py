@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
-import sys
-import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from billa.utils.errors import BillaError, exit_on_error
 from billa.utils.logging import get_logger
 
 if TYPE_CHECKING:  # billa.model and the benchmarks import this module on machines without Hydra/OmegaConf
@@ -21,41 +19,14 @@ if TYPE_CHECKING:  # billa.model and the benchmarks import this module on machin
 log = get_logger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(BillaError, ValueError):
     """A configuration value is missing or inconsistent; the message names the key(s) and what is expected."""
 
 
-def format_config_error(err: ConfigError) -> str:
-    """The block printed for a ``ConfigError``: ``billa: error: <message>`` and how to see the stack trace."""
-    body = textwrap.indent(str(err), "  ").lstrip()
-    return f"billa: error: {body}\n(set HYDRA_FULL_ERROR=1 for the stack trace)\n"
-
-
-@contextlib.contextmanager
-def exit_on_config_error() -> Iterator[None]:
-    """Turn a ``ConfigError`` into a message on stderr and exit status 2 (a usage error, as argparse and Hydra).
-
-    With ``HYDRA_FULL_ERROR=1`` the error propagates with its stack trace. Other exceptions are never caught here.
-    """
-    try:
-        yield
-    except Exception as err:
-        cause = _config_error_in(err)
-        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        sys.stderr.write(format_config_error(cause))
-        sys.stderr.flush()
-        raise SystemExit(2) from None
-
-
-def _config_error_in(err: BaseException | None) -> ConfigError | None:
-    """``err`` itself or the ``ConfigError`` it wraps (``hydra.utils.instantiate`` wraps what a target raises)."""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, ConfigError):
-            return err
-        err, seen = err.__cause__, seen + 1
-    return None
+def exit_on_config_error() -> contextlib.AbstractContextManager[None]:
+    """``billa.utils.errors.exit_on_error``: a ``ConfigError`` (or any error billa raises on purpose) becomes one
+    ``billa: error:`` block and exit status 2; ``HYDRA_FULL_ERROR=1`` shows the stack trace."""
+    return exit_on_error()
 
 
 def _positive_int(cfg: DictConfig, key: str) -> int:

@@ -26,8 +26,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from billa.utils.errors import BillaError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(BillaError, ValueError):
     """A record does not parse or lacks its fields; the message names the file and line."""
 
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from billa.utils.errors import BillaError
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -38,7 +41,7 @@ _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _FORCE_NO = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 
-class UntrustedCheckpointError(ValueError):
+class UntrustedCheckpointError(BillaError, ValueError):
     """A checkpoint file would run code (or types billa does not know) when loaded; the message names it."""
 
 
@@ -90,6 +93,71 @@ def check_checkpoint(path: str | os.PathLike, key: str, trust: bool = False, tru
                 f"tensors, plain Python types and DeepSpeed's {list(ZERO_SAFE_GLOBALS)}. Nothing was loaded. "
                 f"If you trust whoever wrote this checkpoint, pass {trust_key}=true"
             )
+
+
+def pretrained_weight_files(path: str | os.PathLike) -> list[Path]:
+    """The pickled weight files ``from_pretrained`` would read from a local HF model directory.
+
+    None when the directory has safetensors weights (transformers prefers them and unpickles nothing) or is not a
+    local directory (a hub id: transformers resolves it); else its ``pytorch_model*.bin`` files.
+    """
+    directory = Path(path)
+    if not directory.is_dir() or any(directory.glob("model*.safetensors")):
+        return []
+    return sorted(directory.glob("pytorch_model*.bin"))
+
+
+def _untrusted_pretrained(key: str, path: str | os.PathLike, file: str | os.PathLike, needs: list[str]) -> str:
+    return (
+        f"{key}={path}: {file} needs {needs or 'more than tensors'} to load, which can run arbitrary code; billa "
+        "loads only tensors and plain Python types from a model's weights. Nothing was loaded. If you trust whoever "
+        "wrote it, re-save it as safetensors where you trust it "
+        "(AutoModelForCausalLM.from_pretrained(dir, weights_only=False).save_pretrained(dir)) and point "
+        f"{key} at that directory"
+    )
+
+
+def check_pretrained(path: str | os.PathLike | None, key: str) -> None:
+    """Refuse a local HF model directory whose ``.bin`` weights need more than tensors and plain types to unpickle.
+
+    transformers loads ``.bin`` weights with ``weights_only=True``; a crafted file then fails inside torch with advice
+    to load it with ``weights_only=False`` (which would run its code). This names the file and what it needs instead.
+
+    Args:
+        path: the model directory (``init_from``, ``model.pretrained_path``, ``model_path``); None: nothing to check.
+        key: the config key that named it.
+
+    Raises:
+        UntrustedCheckpointError: naming the key, the file and the globals it would import or call.
+    """
+    for file in pretrained_weight_files(path) if path is not None else []:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+        except Exception:  # an old (non-zip) torch file: torch's weights-only load checks it (pretrained_loading)
+            continue
+        if unsafe:
+            raise UntrustedCheckpointError(_untrusted_pretrained(key, path, file, list(unsafe)))
+
+
+@contextlib.contextmanager
+def pretrained_loading(path: str | os.PathLike | None, key: str) -> Iterator[None]:
+    """Around ``from_pretrained(path)``: ``check_pretrained`` first, and torch's weights-only failure (which suggests
+    ``weights_only=False``) turned into ``UntrustedCheckpointError`` naming the key.
+
+    Raises:
+        UntrustedCheckpointError: the weights need more than tensors and plain Python types.
+    """
+    check_pretrained(path, key)
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise
+        needs = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
+        files = pretrained_weight_files(path) if path is not None else []
+        raise UntrustedCheckpointError(
+            _untrusted_pretrained(key, path, files[0] if len(files) == 1 else "its weights", needs)
+        ) from err
 
 
 @contextlib.contextmanager

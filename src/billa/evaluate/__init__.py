@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from billa.config import ConfigError
+from billa.distributed.safe_load import pretrained_loading
 from billa.evaluate.lm import EvalLM, find_export, load_lm
 from billa.evaluate.results import log_result, write_result
 from billa.utils.logging import get_logger, setup_logging
@@ -38,16 +39,17 @@ def build_lm(cfg: DictConfig) -> EvalLM:
             f"`batch_size` must be a positive integer (or null: hardware.micro_batch_size), got {batch_size!r}"
         )
     name = cfg.get("model_id") or str(path)
-    return load_lm(
-        path,
-        hw.accelerator,
-        hw.devices,
-        str(hw.precision),
-        batch_size,
-        cfg.get("max_length"),
-        cfg.get("add_bos", True),
-        name,
-    )
+    with pretrained_loading(path, "model_path"):  # billa's message for untrusted .bin weights, not torch's
+        return load_lm(
+            path,
+            hw.accelerator,
+            hw.devices,
+            str(hw.precision),
+            batch_size,
+            cfg.get("max_length"),
+            cfg.get("add_bos", True),
+            name,
+        )
 
 
 def _logger(cfg: DictConfig):

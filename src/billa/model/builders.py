@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from billa.config import ConfigError
+from billa.distributed.safe_load import pretrained_loading
 
 
 def llama_config(architecture: Mapping, vocab_size: int, bos_id: int = 1, eos_id: int = 2) -> LlamaConfig:
@@ -36,7 +37,8 @@ def build_causal_lm(
     """
     if pretrained_path is None:
         return random_init_llama(llama_config(architecture, vocab_size))
-    model = AutoModelForCausalLM.from_pretrained(pretrained_path, dtype=torch.float32)
+    with pretrained_loading(pretrained_path, key):  # billa's message for untrusted .bin weights, not torch's
+        model = AutoModelForCausalLM.from_pretrained(pretrained_path, dtype=torch.float32)
     weight = model.get_input_embeddings().weight
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitioned weights report their full shape there
     if rows < vocab_size:
