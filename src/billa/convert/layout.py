@@ -19,13 +19,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from billa.utils.errors import BillaError
+
 HF_EMBED = "model.embed_tokens.weight"
 META_EMBED = "tok_embeddings.weight"
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class LayoutError(ValueError):
+class LayoutError(BillaError, ValueError):
     """A checkpoint directory or file does not hold what was expected (the message names the path)."""
 
 

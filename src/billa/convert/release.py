@@ -43,6 +43,7 @@ from billa.convert.layout import (
     tensor_file,
     weight_files,
 )
+from billa.utils.errors import BillaError
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -55,7 +56,7 @@ CHUNK_ROWS = 4096  # rows per float64 step: 4096 x 4096 x 8 bytes = 128 MiB for 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer views for the XOR residual
 
 
-class ReleaseError(ValueError):
+class ReleaseError(BillaError, ValueError):
     """A release, restore or verify that would give wrong weights; the message names the likely cause."""
 
 

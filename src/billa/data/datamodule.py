@@ -26,6 +26,7 @@ from billa.data.stream import (
     tokenise_file,
 )
 from billa.tokenizer.load import load_tokenizer
+from billa.utils.errors import EmptyDataError
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -264,7 +265,7 @@ class BillaDataModule(L.LightningDataModule):
             wanted = self.val_max_records - rows
             rows += tokenise_file(path, settings, str(source.file_dir(index)), worker=worker, max_rows=wanted)["rows"]
         if rows == 0:
-            raise ValueError(f"data.sources.{name}.val: no usable examples in {self.sources[name]['val']}")
+            raise EmptyDataError(f"data.sources.{name}.val: no usable examples in {self.sources[name]['val']}")
         source.val_rows = min(rows, self.val_max_records)
         source.locate(source.val_rows - 1)  # read the pieces' markers: the split's stats
         self.stats[f"{name}/val"] = source.stats()
@@ -394,7 +395,7 @@ class BillaDataModule(L.LightningDataModule):
                 self.max_seq_length,
             )
         if len(dataset) == 0:
-            raise ValueError(f"data.sources.{name}.{split}: no usable examples in {self.sources[name][split]}")
+            raise EmptyDataError(f"data.sources.{name}.{split}: no usable examples in {self.sources[name][split]}")
         return dataset
 
     def _splits(self):

@@ -16,6 +16,7 @@ import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 from billa.data.objectives import IGNORE, Example
+from billa.utils.errors import EmptyDataError
 
 
 def label_tokens(labels) -> int:
@@ -98,7 +99,9 @@ class MixedDataset(Dataset):
     ):
         empty = [name for name in weights if not hasattr(sources.get(name), "at") and not sources.get(name)]
         if empty:
-            raise ValueError(f"sources {empty} have no usable examples; every source in data.mix needs at least one")
+            raise EmptyDataError(
+                f"data.mix: sources {empty} have no usable examples; every source in data.mix needs at least one"
+            )
         self.schedule = MixSchedule(weights, num_samples, seed, mode)
         self.sources = sources
         self.weights = dict(weights)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from billa.templates import dialogue_prompt
+from billa.utils.errors import MissingInputError
 
 IGNORE = -100
 Encode = Callable[[str], list[int]]
@@ -126,7 +127,7 @@ def translation_choices(ctx: ObjectiveContext) -> list[tuple[float, str, str]]:
     for direction in TRANSLATION_DIRECTIONS:
         lines = ctx.prompts.get(f"translation.{direction}")
         if not lines:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no translation prompts for {direction}: expected a non-empty prompt file (data.translation_prompts)"
             )
         choices += [(0.5 / len(lines), direction, line) for line in lines]

@@ -45,6 +45,7 @@ from billa.data.objectives import (
     translation_choices,
 )
 from billa.data.readers import DataFormatError, ReadStats
+from billa.utils.errors import BillaError, EmptyDataError
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -313,7 +314,7 @@ def stream_file_id(path: str) -> str:
     return fingerprint(Path(path).name, str(size), _sample_hash(path, size))
 
 
-class StreamWaitError(RuntimeError):
+class StreamWaitError(BillaError, RuntimeError):
     """A piece did not appear: the tokenisation that should make it failed or stopped."""
 
 
@@ -392,7 +393,7 @@ class StreamSource:
                 file_index, piece = file_index + 1, 0
                 if file_index == len(self.files):
                     if self._epoch_rows == 0 and (epoch > 0 or self.start == (0, 1)):
-                        raise ValueError(
+                        raise EmptyDataError(
                             f"data.sources.{self.name}.train: no usable examples in its {len(self.files)} files "
                             f"({self.files[0]} ...)"
                         )

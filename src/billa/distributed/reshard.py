@@ -103,7 +103,9 @@ def load_resharded(strategy, checkpoint: str | os.PathLike, saved: int, load) ->
             error = f"{type(err).__name__}: {err}"
     error = strategy.broadcast(error)
     if error:
-        raise RuntimeError(f"{checkpoint}: converting the {saved}-rank ZeRO checkpoint failed: {error}")
+        from billa.config import ConfigError  # config imports this module
+
+        raise ConfigError(f"{checkpoint}: converting the {saved}-rank ZeRO checkpoint failed: {error}")
     config = strategy.deepspeed_engine._config
     config.load_universal_checkpoint = True
     try:
