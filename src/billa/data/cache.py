@@ -13,6 +13,10 @@ later), so the random choices are drawn per visit at ``__getitem__`` time while 
 (the cost: a record with k prompt lines is stored k times; docs/recipe.md, "Per-visit draws"). Rerunning reuses
 every finished shard, and a killed pass also keeps the finished pieces of the file it was in (``<file hash>.pieces``).
 ``datasets`` memory-maps the shards, so a 7B run's corpus costs page cache, not RAM.
+
+Any number of passes (processes, on one node or on several sharing the file system) may tokenise the same files at
+once: a piece, and the join of a file's pieces, is done by the pass that claims it (``Claims``); the others wait for
+it, or take it over once its owner is gone. Every pass ends with the same shards.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,6 +136,10 @@ def remove_stale_temp(cache_root: str | os.PathLike) -> int:
     """
     host, removed = socket.gethostname(), 0
     root = Path(cache_root)
+    for pieces in root.glob("*/*/*.pieces"):  # left by a pass that saw another's live claim when its shard was done
+        shard = pieces.with_name(pieces.name.removesuffix(".pieces"))
+        if _shard_done(shard):
+            _remove_pieces(shard, set())
     temporary = [*root.glob("*/*/*.tmp*"), *root.glob("*/*/*.pieces/*.tmp*"), *root.glob("*/*/stream-*/*/*.tmp*")]
     for path in [*temporary, *root.glob("file_hashes.json.tmp*")]:
         match = _TMP.search(path.name)
@@ -156,19 +166,121 @@ def prompts_fingerprint(prompts: dict[str, list[str]]) -> str:
     return fingerprint(json.dumps(prompts, sort_keys=True, ensure_ascii=False))
 
 
+# ---- claims: which pass does a piece (or a join) when several tokenise the same files --------------------------------
+CLAIM_FRESH_S = 120.0  # a claim not refreshed for this long belongs to a process (or node) that is gone
+CLAIM_REFRESH_S = 10.0  # how often a pass refreshes the claims it holds: well inside CLAIM_FRESH_S
+POLL_S = 0.2  # how often a pass waiting for another's piece or join looks again
+
+
+def _stale(claim: Path, held: set[Path]) -> bool:
+    """Whether the owner of ``claim`` is gone: a dead process of this host at once, any other once the claim has not
+    been refreshed for ``CLAIM_FRESH_S``. Raises FileNotFoundError when the claim itself is gone."""
+    if claim in held:
+        return False
+    if time.time() - claim.stat().st_mtime > CLAIM_FRESH_S:
+        return True
+    host, _, pid = claim.read_text().rpartition(" ")  # empty while its owner has not written it yet
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return int(pid) == os.getpid() or not _alive(int(pid))  # this process holds none outside ``held``
+
+
+class Claims:
+    """This pass's claims on shared work: files created with O_EXCL holding ``<host> <pid>``, refreshed while held.
+
+    Another pass waits while a claim is fresh and takes it over once its owner is gone (``_stale``). Two passes
+    taking over the same stale claim at once both do the work: the results are identical and renamed into place
+    atomically. Leaving the ``with`` block releases every claim still held.
+    """
+
+    def __init__(self):
+        self.held: set[Path] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, name="billa-claims", daemon=True)
+
+    def take(self, claim: Path) -> bool:
+        """True when this pass now holds ``claim``; False while another live pass holds it.
+
+        Raises FileNotFoundError when the claim's directory is gone.
+        """
+        for _ in range(3):  # a claim released or taken over between our two looks: look again
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    if not _stale(claim, self.held):
+                        return False
+                except FileNotFoundError:
+                    continue
+                claim.unlink(missing_ok=True)  # its owner is gone: take over
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"{socket.gethostname()} {os.getpid()}")
+            with self._lock:
+                self.held.add(claim)
+            return True
+        return False
+
+    def release(self, claim: Path) -> None:
+        with self._lock:
+            self.held.discard(claim)
+        claim.unlink(missing_ok=True)
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(CLAIM_REFRESH_S):
+            with self._lock:
+                held = list(self.held)
+            for claim in held:
+                try:
+                    os.utime(claim)
+                except FileNotFoundError:  # taken over by a pass that thought us gone: it redoes the same work
+                    pass
+
+    def __enter__(self) -> Claims:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for claim in list(self.held):
+            self.release(claim)
+
+
 # ---- driver side -------------------------------------------------------------------------------------------------
-def _pieces_dir(shard: str) -> Path:
+def _pieces_dir(shard: str | Path) -> Path:
     """Where a file's finished pieces wait until all of them are done (reused by the next pass if this one dies)."""
-    return Path(shard + ".pieces")
+    return Path(f"{shard}.pieces")
 
 
-def _piece_out(shard: str, piece: Piece) -> str:
+def _piece_out(shard: str | Path, piece: Piece) -> str:
     return str(_pieces_dir(shard) / f"{piece.index:05d}.arrow")
 
 
-def _piece_done(shard: str, piece: Piece) -> dict | None:
+def _piece_claim(shard: str | Path, index: int) -> Path:
+    return _pieces_dir(shard) / f"{index:05d}.claim"
+
+
+def _join_claim(shard: str | Path) -> Path:
+    return _pieces_dir(shard) / "join.claim"
+
+
+def _piece_done(shard: str | Path, piece: Piece) -> dict | None:
     marker = Path(_piece_out(shard, piece)).with_suffix(".json")
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    try:
+        return json.loads(marker.read_text())
+    except FileNotFoundError:  # not done yet, or its pieces were removed after the join (the shard exists)
+        return None
+
+
+def _shard_done(shard: str | Path) -> bool:
+    return (Path(shard) / _SHARD_DONE).is_file()
+
+
+def _shard_made_elsewhere(shard: str | Path) -> ShardResult:
+    info = json.loads((Path(shard) / _SHARD_DONE).read_text())
+    return ShardResult(str(shard), info["examples"], info["stats"], reused=True)
 
 
 def sum_stats(parts: list[dict], examples_each: int, examples_kept: int | None = None) -> dict:
@@ -185,7 +297,11 @@ def sum_stats(parts: list[dict], examples_each: int, examples_kept: int | None =
 
 
 def _join_pieces(path: str, shard: str, results: list[dict]) -> ShardResult:
-    """Join a file's finished pieces, in order, into its shard (one Arrow file) and rename the shard into place."""
+    """Join a file's finished pieces, in order, into its shard (one Arrow file) and rename the shard into place.
+
+    The pieces stay where they are (a single piece is linked, not moved): a pass taking over a join whose owner died
+    finds them all. If another pass renamed the same shard into place first, this one's copy is discarded.
+    """
     import pyarrow as pa
 
     pieces = _pieces_dir(shard)
@@ -194,7 +310,10 @@ def _join_pieces(path: str, shard: str, results: list[dict]) -> ShardResult:
     tmp.mkdir(parents=True)
     arrows = [pieces / f"{index:05d}.arrow" for index in range(len(results))]
     if len(arrows) == 1:
-        os.replace(arrows[0], tmp / "data.arrow")
+        try:
+            os.link(arrows[0], tmp / "data.arrow")
+        except OSError:  # a file system without hard links
+            shutil.copyfile(arrows[0], tmp / "data.arrow")
     else:  # one memory-mapped file per input file: a corpus of 4 MiB pieces would exhaust mmap limits
         with pa.OSFile(str(tmp / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema()) as writer:
             for arrow in arrows:
@@ -206,43 +325,165 @@ def _join_pieces(path: str, shard: str, results: list[dict]) -> ShardResult:
     (tmp / _SHARD_DONE).write_text(json.dumps({"file": path, "examples": examples, "stats": stats}))
     try:
         os.replace(tmp, shard)
-    except OSError:  # a concurrent pass finished the same shard: identical content
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(pieces, ignore_errors=True)
+        if not _shard_done(shard):
+            raise
+        return _shard_made_elsewhere(shard)  # a pass that took over our join finished first: identical content
     return ShardResult(shard, examples, stats)
 
 
-def _run_pass(todo: list[tuple[str, str]], settings: ObjectiveSettings, runner, piece_bytes: int):
-    """Plan every file of ``todo`` into pieces, tokenise the pieces not finished yet, join each file's pieces.
+def _remove_pieces(shard: str | Path, held: set[Path]) -> None:
+    """Remove a finished shard's pieces, unless a claim of another live pass is among them (that pass removes them).
 
-    Yields ``(path, ShardResult or None, progress)`` as plans and pieces finish; ``progress`` is the fraction of a file
-    (by input bytes) the event completed, so the progress line counts files and moves within a large one.
+    Called only once the shard exists, while a pass that claims a piece or the join checks for the shard only after
+    its claim exists: so either this sees the claim or that pass sees the shard, and no pass writes into (or joins
+    from) removed pieces.
+    """
+    pieces = _pieces_dir(shard)
+    for claim in pieces.glob("*.claim"):
+        try:
+            if not _stale(claim, held):
+                return
+        except FileNotFoundError:  # released meanwhile
+            continue
+    gone = pieces.with_name(pieces.name + tmp_suffix())  # one rename: no pass sees half the pieces removed
+    shutil.rmtree(gone, ignore_errors=True)
+    try:
+        os.rename(pieces, gone)
+    except FileNotFoundError:  # removed by another pass
+        return
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+@dataclass
+class _FileWork:
+    """One input file in a pass: its pieces, their results (this pass's or another's), the pieces this pass runs."""
+
+    path: str
+    shard: str
+    pieces: list[Piece]
+    results: list[dict | None]
+    running: set[int] = field(default_factory=set)
+    waiting: bool = False  # on a piece or the join that another pass holds
+    reported: float = 0.0  # the fraction of the file (by input bytes) already reported as progress
+
+    def progress(self) -> float:
+        """The fraction of the file done since the last call."""
+        total = sum(p.size for p in self.pieces)
+        done = sum(p.size for p, r in zip(self.pieces, self.results, strict=True) if r is not None)
+        fraction = done / total if total else float(all(r is not None for r in self.results))
+        before, self.reported = self.reported, fraction
+        return fraction - before
+
+
+def _advance(work: _FileWork, settings: ObjectiveSettings, runner, claims: Claims, free: int) -> tuple:
+    """Take one file as far as it goes now: note the pieces others finished, claim and submit up to ``free`` pieces,
+    join once every piece is done.
+
+    Returns:
+        ``(ShardResult or None, pieces submitted)``.
+    """
+    shard = work.shard
+    if _shard_done(shard):
+        if work.running:  # our claims were taken over; wait for our pieces before leaving
+            return None, 0
+        _remove_pieces(shard, claims.held)
+        return _shard_made_elsewhere(shard), 0
+    work.waiting, taken = False, []
+    try:
+        for piece in work.pieces:
+            if work.results[piece.index] is not None or piece.index in work.running:
+                continue
+            if (found := _piece_done(shard, piece)) is not None:
+                work.results[piece.index] = found
+            elif len(taken) < free:
+                _pieces_dir(shard).mkdir(exist_ok=True)
+                claim = _piece_claim(shard, piece.index)
+                if not claims.take(claim):
+                    work.waiting = True
+                elif (found := _piece_done(shard, piece)) is not None:  # its owner finished just before our claim
+                    claims.release(claim)
+                    work.results[piece.index] = found
+                else:
+                    taken.append(piece)
+    except FileNotFoundError:  # the pieces went away: another pass finished the shard (seen below or next time)
+        work.waiting = True
+    if _shard_done(shard):  # checked after claiming: see _remove_pieces
+        for piece in taken:
+            claims.release(_piece_claim(shard, piece.index))
+        return _advance(work, settings, runner, claims, 0)
+    for piece in taken:
+        work.running.add(piece.index)
+        runner.submit(("piece", piece, settings, _piece_out(shard, piece)))
+    if work.running or any(r is None for r in work.results):
+        return None, len(taken)
+    return _join(work, claims), 0
+
+
+def _join(work: _FileWork, claims: Claims) -> ShardResult | None:
+    """Join the file's pieces if no other pass is joining them; None while another is (the caller waits)."""
+    claim = _join_claim(work.shard)
+    try:
+        _pieces_dir(work.shard).mkdir(exist_ok=True)  # a file without pieces has none yet
+        taken = claims.take(claim)
+    except FileNotFoundError:
+        taken = False
+    if not taken:
+        work.waiting = True
+        return None
+    try:
+        if _shard_done(work.shard):  # checked after claiming: see _remove_pieces
+            result = _shard_made_elsewhere(work.shard)
+        else:
+            result = _join_pieces(work.path, work.shard, work.results)
+    finally:
+        claims.release(claim)
+    _remove_pieces(work.shard, claims.held)
+    return result
+
+
+def _run_pass(todo: list[tuple[str, str]], settings: ObjectiveSettings, runner, piece_bytes: int, claims: Claims):
+    """Plan every file of ``todo`` into pieces, tokenise the pieces no pass has finished or holds, join each file.
+
+    Pieces that another pass holds are waited for (polling every ``POLL_S``), or taken over once it is gone. Yields
+    ``(path, ShardResult or None, progress)`` as plans and pieces finish; ``progress`` is the fraction of a file (by
+    input bytes) the event completed, so the progress line counts files and moves within a large one.
     """
     shard_of = dict(todo)
     for path, _ in todo:
         runner.submit(("plan", path, piece_bytes))
-    pieces: dict[str, list[Piece]] = {}
-    results: dict[str, list] = {}
-    fraction: dict[str, float] = {}
-    while (done := runner.next_result()) is not None:
-        task, result = done
-        if task[0] == "plan":
-            path = task[1]
-            shard = shard_of[path]
-            _pieces_dir(shard).mkdir(parents=True, exist_ok=True)
-            pieces[path], results[path] = result, [_piece_done(shard, piece) for piece in result]
-            for piece, finished in zip(result, results[path], strict=True):
-                if finished is None:
-                    runner.submit(("piece", piece, settings, _piece_out(shard, piece)))
-        else:
-            path = task[1].path
-            results[path][task[1].index] = result
-        finished = [p for p, r in zip(pieces[path], results[path], strict=True) if r is not None]
-        before, total = fraction.get(path, 0.0), sum(p.size for p in pieces[path])
-        complete = len(finished) == len(pieces[path])
-        fraction[path] = 1.0 if complete else sum(p.size for p in finished) / total if total else 0.0
-        shard = _join_pieces(path, shard_of[path], results[path]) if complete else None
-        yield path, shard, fraction[path] - before
+    in_flight, waiting = len(todo), False
+    files: dict[str, _FileWork] = {}
+    left = set(shard_of)
+    while left:
+        if in_flight:
+            done = runner.next_result(timeout=POLL_S if waiting else None)
+        else:  # everything left is another pass's to do
+            done = None
+            time.sleep(POLL_S)
+        if done is not None:
+            in_flight -= 1
+            task, result = done
+            if task[0] == "plan":
+                files[task[1]] = _FileWork(task[1], shard_of[task[1]], result, [None] * len(result))
+            else:
+                work = files[task[1].path]
+                work.results[task[1].index] = result
+                work.running.discard(task[1].index)
+                claims.release(_piece_claim(work.shard, task[1].index))
+        waiting = False
+        for path, work in files.items():
+            if path not in left:
+                continue
+            shard, submitted = _advance(work, settings, runner, claims, runner.slots - in_flight)
+            in_flight += submitted
+            waiting |= work.waiting
+            progress = 1.0 - work.reported if shard is not None else work.progress()
+            if shard is not None:
+                left.discard(path)
+            if shard is not None or progress:
+                yield path, shard, progress
 
 
 def tokenize_source(
@@ -324,8 +565,8 @@ def tokenise_files(
         # worker start-up (~0.3 s each) only pays off beyond one piece of input
         parallel = num_proc > 1 and (size > piece_bytes or len(todo) > 1 and size == 0)
         runner = WorkerPool(num_proc, spec, prompts) if parallel else InProcess(spec, prompts)
-        with runner:
-            events = _run_pass(todo, settings, runner, piece_bytes)
+        with Claims() as claims, runner:
+            events = _run_pass(todo, settings, runner, piece_bytes, claims)
             for path, result, _ in track(events, len(todo), desc, "files", amount=lambda event: event[2]):
                 if result is not None:
                     shards[path] = result

@@ -247,6 +247,7 @@ class InProcess:
     def __init__(self, spec: dict, prompts: dict[str, list[str]]):
         init(spec, prompts)
         self.queue: deque = deque()
+        self.slots = 1  # tasks worth handing over at once: more would only wait in the queue
 
     def submit(self, task: tuple) -> None:
         self.queue.append(task)
@@ -276,7 +277,7 @@ class WorkerPool(InProcess):
     """
 
     def __init__(self, num_proc: int, spec: dict, prompts: dict[str, list[str]]):
-        self.queue = deque()
+        self.queue, self.slots = deque(), num_proc
         src = str(Path(__file__).resolve().parents[2])  # the directory holding the billa package
         env = {
             **os.environ,
