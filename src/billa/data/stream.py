@@ -36,6 +36,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from billa.data.cache import CLAIM_FRESH_S  # a claim not refreshed for this long belongs to a process that is gone
 from billa.data.objectives import (
     IGNORE,
     Example,
@@ -54,7 +55,6 @@ STREAM_OBJECTIVES = ("conditional_generation", "causal_lm", "translation")
 STREAM_FORMAT = "stream-1"  # bump when the piece schema changes: pieces keyed by it are rebuilt
 STATE_FILE = "billa_data_state.json"  # beside an export: where each stream source stopped
 PIECE_BYTES = 1 << 22  # input bytes per piece (decompressed for .zst)
-CLAIM_FRESH_S = 120.0  # a claim not refreshed for this long belongs to a process that died
 WAIT_LOG_S = 60.0  # a reader waiting this long for a piece says so in the log
 WANT_REFRESH_S = 10.0  # a waiting reader renews its "want" file this often
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from billa.data.objectives import ObjectiveContext, variants
-from billa.data.readers import Piece, ReadStats, plan_pieces, read_piece
+from billa.data.readers import Piece, ReadStats, plan_pieces, read_piece, record_char_bound
 
 CHUNK = 2000  # records tokenised together (one batched encode, one Arrow record batch)
 
@@ -150,7 +150,10 @@ def tokenize_piece(piece: Piece, settings: ObjectiveSettings, out: str) -> dict:
     )
     stats = ReadStats()
     n_examples = dropped = 0
-    records = read_piece(piece, settings.fmt, stats, settings.on_error, **dict(settings.reader_options))
+    bound = record_char_bound(settings.max_len)  # a 30 MB one-line record costs no more than a window
+    records = read_piece(
+        piece, settings.fmt, stats, settings.on_error, max_chars=bound, **dict(settings.reader_options)
+    )
     tmp, table_schema = out + tmp_suffix(), schema()
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, table_schema) as writer:
         while chunk := list(itertools.islice(records, CHUNK)):
@@ -174,6 +177,7 @@ def tokenize_piece(piece: Piece, settings: ObjectiveSettings, out: str) -> dict:
             "filtered": stats.filtered,
             "skipped_malformed": stats.skipped,
             "empty_text": stats.empty,
+            "cut_long": stats.cut_long,
             "skipped_examples": stats.skipped_examples,
             "no_target_after_truncation": dropped,
         },
