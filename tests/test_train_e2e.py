@@ -70,11 +70,13 @@ def test_export_is_a_loadable_hf_directory_that_generates(trained):
     files = {p.name for p in export.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json"} <= files
     assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded
-    # checkpoints every 10 steps, the last 2 kept, plus the `last` link
+    # checkpoints every 10 steps, the last 2 kept with their manifests (size, SHA-256), plus the `last` link
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "last.ckpt",
         "step=000030.ckpt",
+        "step=000030.ckpt.manifest.json",
         "step=000040.ckpt",
+        "step=000040.ckpt.manifest.json",
     ]
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)

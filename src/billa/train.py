@@ -23,7 +23,7 @@ from billa.callbacks import (
 from billa.config import ConfigError, HardwarePlan, complete, plan_hardware, validate
 from billa.data.datamodule import BillaDataModule
 from billa.data.stream import STATE_FILE
-from billa.distributed.checkpoints import resolve_ckpt_path
+from billa.distributed.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from billa.distributed.memory import plan_memory
 from billa.distributed.reshard import check_resumable
 from billa.distributed.safe_load import check_checkpoint, weights_only_loading
@@ -173,6 +173,7 @@ def build_trainer(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_
         num_nodes=hw.num_nodes,
         precision=hw.precision,
         strategy=build_strategy(hw, hardware),
+        plugins=[AtomicCheckpointIO()],  # single-file checkpoints written in place, renamed when whole
         accumulate_grad_batches=batch.accumulation,
         gradient_clip_val=None if hardware.clips_in_module else cfg.trainer.gradient_clip_val,  # else BillaLM clips
         val_check_interval=cfg.val_every_n_steps * batch.accumulation,  # Lightning counts micro batches
@@ -313,7 +314,8 @@ def report_data(stats: dict) -> None:
 def resume_checkpoint(cfg: DictConfig, hardware: HardwarePlan | None = None) -> str | None:
     """The checkpoint to resume from (``ckpt_path``, or ``resume=auto``), checked before any work is done.
 
-    ``resume=auto`` says where it looked and, when nothing is there, that the run starts from scratch.
+    ``resume=auto`` says where it looked and, when nothing is there, that the run starts from scratch; a newer
+    checkpoint a failed save left incomplete is skipped with a warning that names it (``find_resume_checkpoint``).
 
     Raises:
         UntrustedCheckpointError: the checkpoint's pickles would run code (unless ``trust_checkpoint=true``).

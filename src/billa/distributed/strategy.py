@@ -2,8 +2,10 @@
 
 ``BillaDeepSpeedStrategy`` is Lightning's ``DeepSpeedStrategy`` whose backward scales the loss for gradient
 accumulation once (Lightning's division, not DeepSpeed's second one), and whose checkpoints are written into
-``<path>.partial`` and renamed to ``<path>`` only after every rank finished its shard and a ``COMPLETE`` marker was
-written: a crash mid-save never leaves a directory that looks complete, and ``resume=auto`` ignores it.
+``<path>.partial`` in the destination directory and renamed to ``<path>`` only after every rank finished and flushed its
+shard, ``MANIFEST.json`` recorded every file's size and SHA-256 and a ``COMPLETE`` marker was written: a crash or a full
+disk mid-save never leaves a directory that looks complete, and ``resume=auto`` skips one that does not match its
+manifest (``billa.distributed.checkpoints``).
 
 ``CPUDeepSpeedStrategy`` runs the same engine on CPU processes over gloo. Lightning refuses a CPU accelerator for
 DeepSpeed; three overrides lift that (docs/recipe.md, "Traps"): the environment comes from DDP, the CUDA
@@ -24,14 +26,20 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
+from billa.distributed.checkpoints import (
+    COMPLETE_MARKER,
+    DIRECTORY_MANIFEST,
+    PARTIAL_SUFFIX,
+    file_digest,
+    fsync_directory,
+    write_atomic,
+    write_manifest,
+)
 from billa.distributed.reshard import load_resharded, realign_accumulation, saved_world_size
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 deprecates, once per parameter per step.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+ is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-
-COMPLETE_MARKER = "COMPLETE"
-PARTIAL_SUFFIX = ".partial"
 
 
 class BillaDeepSpeedStrategy(DeepSpeedStrategy):
@@ -57,12 +65,30 @@ class BillaDeepSpeedStrategy(DeepSpeedStrategy):
         self.barrier()
         super().save_checkpoint(checkpoint, partial, storage_options)  # every rank writes its shard
         self.barrier()
+        files = self._flush_and_digest(partial)
         if self.is_global_zero:
-            (partial / COMPLETE_MARKER).write_text(f"global_step={checkpoint.get('global_step')}\n")
+            write_manifest(partial / DIRECTORY_MANIFEST, {"global_step": checkpoint.get("global_step"), "files": files})
+            write_atomic(partial / COMPLETE_MARKER, f"global_step={checkpoint.get('global_step')}\n".encode())
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
+            fsync_directory(final.parent)
         self.barrier()
+
+    def _flush_and_digest(self, directory: Path) -> dict[str, dict]:
+        """Every file under ``directory``: fsynced and hashed, the work spread over the ranks; rank 0 gets all entries.
+
+        Rank 0's listing is the one every rank works from (a shared file system may show another node's files late).
+        Each rank reads about 1/world of the checkpoint once, mostly from the page cache it was just written to.
+        """
+        names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+        names = self.broadcast(names)
+        mine = {name: file_digest(directory / name, fsync=True) for name in names[self.global_rank :: self.world_size]}
+        if self.world_size == 1:
+            return mine
+        gathered: list[dict] = [{} for _ in range(self.world_size)]
+        torch.distributed.all_gather_object(gathered, mine)
+        return dict(sorted(entry for part in gathered for entry in part.items()))
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """DeepSpeed's load; a checkpoint written by another number of ranks goes through a universal one, and
