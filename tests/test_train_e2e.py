@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from billa.train import run
 
-from .conftest import compose_train, tiny_parameter_count
+from .conftest import compose_train, tiny_parameter_count, train_in_process
 
 TRAINED = [
     "trainer.max_steps=40",
@@ -221,3 +221,23 @@ def test_skipped_records_are_reported_at_the_end_of_the_run(tmp_path, cache_dir,
     report = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Data report en/train")]
     assert len(report) == 1 and report[0].startswith(f"Data report en/train: {len(good)} records")
     assert "'skipped_malformed': 2" in report[0] and "pile_with_errors.jsonl" in report[0]
+
+
+def test_resume_before_the_middle_of_the_run_continues_the_stream(tmp_path, cache_dir, sample_tokenizer_dir):
+    """A run stopped after 2 of 8 steps and resumed with ``resume=auto`` logs the same losses for steps 3-8 as a run
+    that never stopped.
+
+    Bug caught: the resumed dataloader reporting only the batches left (6 steps) while Lightning restores the 2 done,
+    so the epoch ended after step 4 and the next one replayed steps 3 and 4's data (step 5's loss 7.17 instead of
+    7.30). Resumes past the middle hid it: the restored count already exceeded the shorter length."""
+    from .conftest import logged
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train_in_process(whole, cache_dir, "checkpoint.every_n_steps=2")
+    train_in_process(parts, cache_dir, "checkpoint.every_n_steps=2", "stop_after_steps=2")
+    result = train_in_process(parts, cache_dir, "checkpoint.every_n_steps=2", "resume=auto")
+    assert result["resumed_from"] and result["global_step"] == 8
+    expected, resumed = logged(whole, "train/loss"), logged(parts, "train/loss")
+    assert sorted(resumed) == list(range(8))
+    for step in range(2, 8):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step

@@ -196,6 +196,16 @@ class StreamSampler(Sampler[int]):
             yield from range(first, min(first + self.block, self.num_samples))
 
     def __len__(self) -> int:
+        """This rank's share of the whole stream, from sample 0 even after a resume: Lightning restores how many
+        batches of the epoch were already done and runs ``len - done`` more, which are exactly the batches ``__iter__``
+        yields from ``start``. (Counting only what is left ended a resumed epoch early, and the next epoch replayed
+        the batches after the resume point.)"""
+        round_size = self.world_size * self.block
+        full, rest = divmod(self.num_samples, round_size)
+        return full * self.block + min(self.block, max(0, rest - self.rank * self.block))
+
+    def remaining(self) -> int:
+        """Indices ``__iter__`` yields: this rank's share of ``[start, num_samples)``."""
         round_size = self.world_size * self.block
         full, rest = divmod(max(0, self.num_samples - self.start), round_size)
         return full * self.block + min(self.block, max(0, rest - self.rank * self.block))
