@@ -447,6 +447,7 @@ class BillaDataModule(L.LightningDataModule):
         self.setup_validation()
         for name, source in train.items():
             if isinstance(source, StreamSource):
+                source.locate(0)  # its first piece (prepare_data waited for it): the stats say what is ready
                 self.stats[f"{name}/train"] = source.stats()
         log.info("Data: %s", {key: value["examples"] for key, value in self.stats.items()})
 

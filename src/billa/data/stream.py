@@ -52,7 +52,7 @@ from billa.utils.logging import get_logger
 log = get_logger(__name__)
 
 STREAM_OBJECTIVES = ("conditional_generation", "causal_lm", "translation")
-STREAM_FORMAT = "stream-1"  # bump when the piece schema changes: pieces keyed by it are rebuilt
+STREAM_FORMAT = "stream-2"  # bump when the piece schema changes: pieces keyed by it are rebuilt
 STATE_FILE = "billa_data_state.json"  # beside an export: where each stream source stopped
 PIECE_BYTES = 1 << 22  # input bytes per piece (decompressed for .zst)
 WAIT_LOG_S = 60.0  # a reader waiting this long for a piece says so in the log
@@ -75,6 +75,9 @@ def file_pieces(path: str, piece_bytes: int = PIECE_BYTES):
 
     from billa.data.readers import _json_lines, _raw_records, zst_damage
 
+    if path.endswith(".json"):  # a JSON array (WuDao's part files): parsed whole (fast), tokenised in pieces
+        yield from _array_pieces(path, piece_bytes)
+        return
     if not path.endswith(LINE_FILES):
         yield 0, 1, None, _raw_records(path)
         return
@@ -99,6 +102,30 @@ def file_pieces(path: str, piece_bytes: int = PIECE_BYTES):
             return
     if lines or index == 0:
         yield index, first, line + 1, _json_lines(lines, path, first)
+
+
+def _array_pieces(path: str, piece_bytes: int):
+    """``file_pieces`` of a JSON array: every ``piece_bytes`` of its elements' text (string values, in characters),
+    element numbers as lines, so the first piece of a 300 MB WuDao part is tokenised without the rest."""
+    from billa.data.readers import _raw_records
+
+    def size(value) -> int:
+        if isinstance(value, str):
+            return len(value)
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        return sum(size(v) for v in value) if isinstance(value, list) else 8
+
+    index, first, taken, items = 0, 1, 0, []
+    number = 0
+    for number, value in _raw_records(path):
+        items.append((number, value))
+        taken += 64 if isinstance(value, Exception) else size(value)
+        if taken >= piece_bytes:
+            yield index, first, number + 1, iter(items)
+            index, first, taken, items = index + 1, number + 1, 0, []
+    if items or index == 0:
+        yield index, first, number + 1, iter(items)
 
 
 def encode_rows(records: list, objective: str, ctx: ObjectiveContext, encode) -> tuple[dict, list | None, int]:
@@ -172,8 +199,8 @@ def _schema(objective: str, wide: bool):
     ids = pa.list_(pa.uint32() if wide else pa.uint16())
     if objective == "translation":
         explicit = pa.list_(pa.list_(pa.uint32()))  # [prefix length, prefix ids..., target ids...] per variant
-        return pa.schema([("a", ids), ("b", ids), ("explicit", explicit), ("line", pa.int64())])
-    return pa.schema([("ids", ids), ("line", pa.int64())])
+        return pa.schema([("a", ids), ("b", ids), ("explicit", explicit), ("line", pa.int32())])
+    return pa.schema([("ids", ids), ("line", pa.int32())])  # a record's line (or JSON array element) in its file
 
 
 def tokenise_file(
@@ -572,7 +599,9 @@ class Feeder:
         for source in sources.values():
             source.feeding = True
         self.spec, self.prompts, self.total = spec, prompts, total
-        self.num_proc, self.piece_bytes, self.ahead_files = max(1, num_proc), piece_bytes, ahead_files
+        # at least one worker per source: a task is a whole file, so with fewer workers one source's first piece would
+        # wait for another source's whole file
+        self.num_proc, self.piece_bytes, self.ahead_files = max(1, num_proc, len(sources)), piece_bytes, ahead_files
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
