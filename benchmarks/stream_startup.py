@@ -25,7 +25,7 @@ wait for one ~4 MiB piece of each source, whatever the corpus size. For each siz
    size again, in alternating order, and the goal compares medians; the 1-minute load average at each run's start
    and end is printed (on a shared machine it, not the corpus, often decides the seconds). Each run prints when
    every file's first and last finished piece appeared, which shows the order the feeder tokenised them in;
-3. reads the stream cache's finished pieces (``<cache>/<source>/<key>/stream-1/<file id>/NNNNN.arrow`` with their
+3. reads the stream cache's finished pieces (``<cache>/<source>/<key>/stream-N/<file id>/NNNNN.arrow`` with their
    ``NNNNN.json`` markers): Arrow bytes / stored tokens (``ids``; translation ``a`` + ``b`` + explicit variants),
    and the feeder's rate inside the run (stored tokens of a file's later pieces over the time between its markers:
    one worker, sharing the 2 cores with the trainer).
@@ -240,8 +240,10 @@ def read_cache(cache: Path, names: dict[str, str], wall_start: float) -> dict:
     """Per source: finished pieces, their Arrow bytes and stored tokens, rows kept explicit (translation), the
     feeder's in-run rate per worker, and per file the seconds (after the process start) its first and last finished
     pieces appeared."""
+    from billa.data.stream import STREAM_FORMAT
+
     found = {}
-    for stream_dir in sorted(cache.glob("*/*/stream-1")):
+    for stream_dir in sorted(cache.glob(f"*/*/{STREAM_FORMAT}")):
         source = stream_dir.parents[1].name
         entry = found.setdefault(
             source, {"pieces": 0, "bytes": 0, "tokens": 0, "rows": 0, "explicit": 0, "rates": [], "files": {}}
