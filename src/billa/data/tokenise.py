@@ -226,6 +226,10 @@ def _receive(stream):
 
 def _serve() -> None:
     """A worker's loop: answer each task read from stdin on the original stdout; everything printed goes to stderr."""
+    try:  # spare cores: while the stage trains (stream sources), the trainer's processes come first
+        os.nice(10)
+    except OSError:
+        pass
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a library printing to stdout must not corrupt the replies
     sys.stdout = sys.stderr
