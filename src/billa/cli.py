@@ -42,8 +42,13 @@ def evaluate(cfg: DictConfig) -> dict:
         from billa.evaluate import run
 
         result = run(cfg)
-    for task in result["metrics"]:
-        print(Path(result["output_dir"], f"{task}.md").read_text(encoding="utf-8"))
+    from rich.console import Console
+
+    console = Console(soft_wrap=True)
+    for task in result["metrics"]:  # the tables on stdout, as written (no rich markup)
+        console.print(
+            Path(result["output_dir"], f"{task}.md").read_text(encoding="utf-8"), markup=False, highlight=False
+        )
     return result
 
 

@@ -54,6 +54,19 @@ class ReadStats:
     skipped_examples: list[str] = field(default_factory=list)  # the first few not used, "file:line: why"
     files: list[str] = field(default_factory=list)
 
+    def counters(self, no_target: int = 0) -> dict:
+        """The counters a tokenisation pass reports (its marker and the data report), with the records the objective
+        dropped for having no target token left (``no_target``)."""
+        return {
+            "records": self.read,
+            "filtered": self.filtered,
+            "skipped_malformed": self.skipped,
+            "empty_text": self.empty,
+            "cut_long": self.cut_long,
+            "skipped_examples": self.skipped_examples,
+            "no_target_after_truncation": no_target,
+        }
+
 
 HUB_PREFIX = "hf://"
 

@@ -289,15 +289,7 @@ def tokenise_file(
                 "stop_line": stop,
                 "rows": rows,
                 "middles": middles,
-                "stats": {
-                    "records": stats.read,
-                    "filtered": stats.filtered,
-                    "skipped_malformed": stats.skipped,
-                    "empty_text": stats.empty,
-                    "cut_long": stats.cut_long,
-                    "skipped_examples": stats.skipped_examples,
-                    "no_target_after_truncation": dropped,
-                },
+                "stats": stats.counters(no_target=dropped),
             },
             tmp_suffix(),
         )

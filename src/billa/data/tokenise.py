@@ -172,15 +172,7 @@ def tokenize_piece(piece: Piece, settings: ObjectiveSettings, out: str) -> dict:
     os.replace(tmp, out)
     result = {
         "examples": n_examples,
-        "stats": {
-            "records": stats.read,
-            "filtered": stats.filtered,
-            "skipped_malformed": stats.skipped,
-            "empty_text": stats.empty,
-            "cut_long": stats.cut_long,
-            "skipped_examples": stats.skipped_examples,
-            "no_target_after_truncation": dropped,
-        },
+        "stats": stats.counters(no_target=dropped),
     }
     marker = Path(out).with_suffix(".json")
     marker_tmp = marker.with_name(marker.name + tmp_suffix())
