@@ -8,8 +8,9 @@ the test: a fault that was not injected proves nothing.
 
 The cells tested elsewhere, not repeated here:
 
-- kill -9 during tokenisation: ``tests/test_data_pipeline.py::test_a_killed_tokenisation_pass_resumes_without_
-  redoing_finished_shards``; a killed pass's temporary directories: ``tests/test_bad_input.py``.
+- kill -9 during a shuffled source's tokenisation pass: ``tests/test_data_pipeline.py::test_a_killed_tokenisation_
+  pass_resumes_without_redoing_finished_shards``; a killed pass's temporary directories: ``tests/test_bad_input.py``.
+  (A stream's tokenisation, which runs while training runs, is killed here.)
 - ENOSPC during a single-file save, then ``resume=auto`` to the uninterrupted losses:
   ``tests/test_checkpoint_atomic.py::test_resume_after_a_full_disk_reaches_the_same_losses``.
 - kill -9 of a ZeRO-3 job after a complete checkpoint: ``tests/test_rehearsal.py`` (7B shapes, 2 ranks).
@@ -30,6 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from billa.data.stream import STREAM_FORMAT
 
 from .conftest import SHORT_RUN, ZERO3, logged, train_cli
 from .helpers import ROOT
@@ -116,6 +119,32 @@ def uninterrupted(tmp_path_factory, cache_dir, sample_tokenizer_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     train_cli(run_dir, cache_dir, *RUN)
     return run_dir
+
+
+def test_kill_during_stream_tokenisation(uninterrupted, tmp_path, cache_dir):
+    """SIGKILL once the feeder has finished its first stream file on a cold ``data.token_cache_dir`` (the others
+    are not tokenised yet); the plain rerun keeps that file's pieces as they are, tokenises the rest and logs the
+    uninterrupted run's losses and export (whose token cache another process built).
+
+    Bug caught: a rerun that redoes finished stream files, or trusts a piece the kill cut off (a marker without its
+    arrow file, an ``.arrow.tmp-`` taken for a piece), or reads a file's stream from the wrong line."""
+    tokens, run_dir, log = tmp_path / "tokens", tmp_path / "run", tmp_path / "killed.log"
+    cold = f"data.token_cache_dir={tokens}"
+    proc = _start(run_dir, cache_dir, *RUN, cold, log=log)
+    done = _kill_when(proc, _first(tokens, f"*/*/{STREAM_FORMAT}/*/done.json"), log)
+    stream_files = [d for d in done.parents[1].iterdir() if d.is_dir()]
+    finished = {
+        piece: piece.stat().st_mtime_ns for d in stream_files if (d / "done.json").is_file() for piece in d.glob("*.arrow")
+    }
+    assert finished, "no finished piece survived the kill"
+    assert not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").iterdir())
+    rerun = train_cli(run_dir, cache_dir, *RUN, cold, "resume=auto")
+    assert rerun.returncode == 0
+    for piece, mtime in finished.items():
+        assert piece.stat().st_mtime_ns == mtime, f"{piece} was tokenised again"
+    assert not list(tokens.rglob("*.tmp-*")), "temporary files left in the token cache"
+    _assert_same_losses(run_dir, uninterrupted, 6)
+    _assert_same_weights(run_dir / "hf", uninterrupted / "hf")
 
 
 def test_kill_during_checkpoint_file_save(uninterrupted, tmp_path, cache_dir):
