@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from billa.model.module import BillaLM
@@ -215,3 +216,116 @@ def test_lm_head_padded_to_aligned_rows_gives_the_same_loss_and_gradients():
             torch.testing.assert_close(nll, reference, **tol)
             for ours, theirs in zip(torch.autograd.grad(nll.sum(), [hidden, lm_head.weight]), grads, strict=True):
                 torch.testing.assert_close(ours, theirs, **tol)
+
+
+def _two_rank_step(normalization: str, collate) -> tuple[dict, float, list[dict]]:
+    """One optimizer step of 8 samples on 2 simulated ranks x 2 micro batches of 2 (accumulation 2), fed through the
+    real stream (MixedDataset with billa's loss groups, StreamSampler per rank, the collator) into training_step.
+
+    Returns the step's gradients as DDP would apply them (summed over micro batches after Lightning's division by the
+    accumulation count, averaged over ranks), the logged ``train/loss``, and the 8 samples in stream order.
+    """
+    from types import SimpleNamespace
+
+    from billa.data.mixing import MixedDataset, StreamSampler
+    from billa.train import loss_grouping
+
+    g = torch.Generator().manual_seed(4)
+    samples = []
+    for length, prompt in ((10, 8), (10, 1), (6, 4), (12, 2), (9, 7), (8, 1), (11, 9), (7, 2)):  # unequal labels
+        ids = [1, *torch.randint(3, 97, (length - 1,), generator=g).tolist()]
+        samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    grouping = loss_grouping({"normalization": normalization, "rank_batch_size": None}, 8, 2)
+    data = MixedDataset({"s": samples}, {"s": 1}, 8, seed=0, step_size=8, group_size=grouping["loss_group_size"])
+    stream = [data[i] for i in range(8)]
+    module = tiny_module(ARCH, 97, seed=0, loss_normalization=normalization, loss_groups=grouping["loss_groups"])
+    module.model.eval()  # no dropout: the hand formula sees the same NLL
+    calls, logged = [0], {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    last_call = lambda: calls[0] < 3  # noqa: E731 - four training_step calls; the last one ends the step
+    module._trainer = SimpleNamespace(
+        world_size=2,
+        accumulate_grad_batches=2,
+        fit_loop=SimpleNamespace(_should_accumulate=last_call),
+        strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),  # one module sums both ranks' shares already
+    )
+    grads = {}
+    for rank in (0, 1):
+        indices = list(StreamSampler(8, rank=rank, world_size=2, block=2))
+        for micro in (indices[:2], indices[2:]):
+            batch = collate([data[i] for i in micro])
+            (module.training_step(batch, 0) / 2).backward()  # Lightning's division by the accumulation count
+            calls[0] += 1
+        for name, p in module.model.named_parameters():
+            grads[name] = grads.get(name, 0) + p.grad / 2  # DDP: the mean of the ranks' gradients
+        module.model.zero_grad()
+    return grads, logged["train/loss"], stream
+
+
+def _hand_loss(stream: list[dict], groups: list[list[int]]) -> torch.Tensor:
+    """The hand formula: mean over ``groups`` of (summed NLL of the group's label tokens / their number)."""
+    module = tiny_module(ARCH, 97, seed=0)
+    module.model.eval()
+    per_group = []
+    for members in groups:
+        nll = torch.cat([module.token_nll(PadCollatorForHand([stream[i]]))[0] for i in members])  # (tokens of group,)
+        per_group.append(nll.sum() / nll.numel())
+    loss = torch.stack(per_group).mean()
+    loss.backward()
+    return loss, {name: p.grad.clone() for name, p in module.model.named_parameters()}
+
+
+def PadCollatorForHand(items):  # noqa: N802 - one sample per batch, no padding: the plainest possible batch
+    ids = torch.tensor([items[0]["input_ids"]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([items[0]["labels"]])}
+
+
+@pytest.mark.parametrize("layout", ["pad", "pack"])
+@pytest.mark.parametrize(
+    ("normalization", "groups"),
+    [("step_token_mean", [list(range(8))]), ("rank_token_mean", [[0, 1, 2, 3], [4, 5, 6, 7]])],
+)
+def test_loss_normalization_matches_the_hand_formula_on_two_ranks(normalization, groups, layout):
+    """``loss.normalization`` on 2 ranks x accumulation 2 with unequal label counts per sample and per half of the
+    step: the applied gradient and the logged ``train/loss`` equal the hand formula.
+
+    step_token_mean: one token mean over all label tokens of the step. rank_token_mean (BiLLa): the mean over the
+    two groups of 4 consecutive samples (each rank's share, as a BiLLa GPU's batch) of their token means. Catches
+    rank_token_mean weighting by micro batch instead of group (the rank's micro batches here are not its group), a
+    missing x ranks x accumulation (gradient 4x too small), group totals taken from the wrong group, and the logged
+    loss reporting the token mean under rank_token_mean.
+    """
+    from billa.data.collate import PackCollator, PadCollator
+
+    collate = PadCollator(pad_id=0) if layout == "pad" else PackCollator(pad_id=0, max_len=24)
+    grads, logged, stream = _two_rank_step(normalization, collate)
+    counts = [sum(label != -100 for label in s["labels"][1:]) for s in stream]
+    assert sum(counts[:4]) != sum(counts[4:])  # unequal groups: the two normalisations differ
+    loss, hand_grads = _hand_loss(stream, groups)
+    assert logged == pytest.approx(loss.item(), rel=1e-5)
+    for name, grad in hand_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_two_normalizations_give_different_gradients_on_unequal_groups():
+    """Guards the hand-formula test above: on this batch rank_token_mean and step_token_mean really differ."""
+    from billa.data.collate import PadCollator
+
+    step_grads, step_loss, _ = _two_rank_step("step_token_mean", PadCollator(pad_id=0))
+    rank_grads, rank_loss, _ = _two_rank_step("rank_token_mean", PadCollator(pad_id=0))
+    assert abs(step_loss - rank_loss) > 1e-4
+    assert not torch.allclose(step_grads["lm_head.weight"], rank_grads["lm_head.weight"], rtol=1e-3, atol=1e-6)
+
+
+def test_unknown_loss_normalization_is_a_config_error():
+    from billa.config import ConfigError
+    from billa.train import loss_grouping
+
+    with pytest.raises(ConfigError, match=r"loss.normalization='token_mean'"):
+        tiny_module(ARCH, 97, loss_normalization="token_mean")
+    with pytest.raises(ConfigError, match=r"loss.rank_batch_size.*divides batch.global_size=160"):
+        loss_grouping({"normalization": "rank_token_mean", "rank_batch_size": 24}, 160, 8)
+    assert loss_grouping({"normalization": "rank_token_mean", "rank_batch_size": None}, 160, 8) == {
+        "loss_group_size": 20,
+        "loss_groups": 8,
+    }

@@ -58,7 +58,28 @@ def run_time_values(cfg: DictConfig, hardware: HardwarePlan, tokenizer_dir: str 
         "optimizer": hardware.optimizer,
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
         "clip_grad_norm": cfg.trainer.gradient_clip_val if hardware.clips_in_module else None,
+        **loss_grouping(cfg.get("loss") or {}, batch.global_size, batch.world_size),
     }
+
+
+def loss_grouping(loss_cfg, global_size: int, world_size: int) -> dict:
+    """``loss_group_size`` (for the data) and ``loss_groups`` (for the module) of ``loss.normalization``.
+
+    ``rank_token_mean`` groups each step's samples in blocks of ``loss.rank_batch_size`` (null: global batch /
+    devices, each device's share as in BiLLa); ``step_token_mean`` has one group, the whole step.
+
+    Raises:
+        ConfigError: ``loss.rank_batch_size`` is not a positive integer dividing ``batch.global_size``.
+    """
+    if loss_cfg.get("normalization", "step_token_mean") != "rank_token_mean":
+        return {"loss_group_size": None, "loss_groups": 1}
+    size = loss_cfg.get("rank_batch_size") or global_size // world_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or global_size % size:
+        raise ConfigError(
+            f"`loss.rank_batch_size`={size!r} must be a positive integer that divides batch.global_size={global_size}"
+            " (or null: the global batch / devices)"
+        )
+    return {"loss_group_size": size, "loss_groups": global_size // size}
 
 
 def stage_datamodule(cfg: DictConfig, tokenizer_dir: str) -> BillaDataModule:

@@ -2,7 +2,8 @@
 
 Both collators return ``input_ids``, ``labels`` and ``attention_mask`` for the model, plus ``source`` and
 ``sample_tokens`` (one entry per sample) for per-source accounting; ``step_label_tokens`` (training: the loss
-normaliser of the optimizer step) and ``label_chars`` (validation: for bits per character) when the samples carry them.
+normaliser of the optimizer step), ``label_group_tokens`` (``loss.normalization=rank_token_mean``: per token, the
+label tokens of its sample's loss group, shape (B, T) like ``labels``) and ``label_chars`` (validation: for bits per character) when the samples carry them.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class PadCollator:
             input_ids[row, :n] = torch.as_tensor(item["input_ids"])
             labels[row, :n] = torch.as_tensor(item["labels"])
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, **_accounting(items)}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, **_accounting(items)}
+        if "group_label_tokens" in items[0]:
+            batch["label_group_tokens"] = torch.tensor([[item["group_label_tokens"]] * width for item in items])
+        return batch
 
 
 class PackCollator:
@@ -82,6 +86,8 @@ class PackCollator:
         labels = torch.full((rows, width), IGNORE, dtype=torch.long)
         position_ids = torch.zeros((rows, width), dtype=torch.long)
         segment = torch.full((rows, width), -1, dtype=torch.long)  # sample index per token; -1 = padding
+        grouped = "group_label_tokens" in items[0]
+        group_tokens = torch.zeros((rows, width), dtype=torch.long)  # (R, T): the loss group's label tokens
         for row, members in enumerate(bins):
             start = 0
             for k, index in enumerate(members):
@@ -92,15 +98,20 @@ class PackCollator:
                     labels[row, start] = IGNORE
                 position_ids[row, start : start + n] = torch.arange(n)
                 segment[row, start : start + n] = k
+                if grouped:
+                    group_tokens[row, start : start + n] = items[index]["group_label_tokens"]
                 start += n
         mask = self._mask(segment) if self.mask else None
-        return {
+        batch = {
             "input_ids": input_ids,
             "labels": labels,
             "position_ids": position_ids,
             "attention_mask": mask,
             **_accounting(items),
         }
+        if grouped:
+            batch["label_group_tokens"] = group_tokens
+        return batch
 
     @staticmethod
     def _mask(segment: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,8 @@ class BillaDataModule(L.LightningDataModule):
             ``auto`` continues where the previous stage stopped reading them (``<init_from>/billa_data_state.json``,
             written beside every export), a path names such a file, null starts at their first file.
         init_from: the stage's starting HF directory (``init_from``). Run time.
+        loss_group_size: ``loss.normalization=rank_token_mean``: every training sample carries the label tokens of
+            its block of this many consecutive samples of the step (``MixedDataset``). Run time (``loss_grouping``).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class BillaDataModule(L.LightningDataModule):
         root: str | None = None,
         streams_from: str | None = "auto",
         init_from: str | None = None,
+        loss_group_size: int | None = None,
     ):
         super().__init__()
         # Global rank 0 tokenises first, alone: nodes sharing the cache on one file system would otherwise tokenise
@@ -128,6 +131,7 @@ class BillaDataModule(L.LightningDataModule):
         self.max_seq_length = max_seq_length
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size or micro_batch_size
+        self.loss_group_size = loss_group_size
         self.resume_samples = 0  # samples consumed before a resume (restored from the checkpoint)
         self.num_samples = num_samples
         self.seed = seed
@@ -442,7 +446,13 @@ class BillaDataModule(L.LightningDataModule):
             name: self._stream(name) if self.streamed(name) else self._tokenized(name, "train") for name in self.mix
         }
         self.train_set = MixedDataset(
-            train, self.mix, self.num_samples, self.seed, self.mix_mode, step_size=self.global_batch_size
+            train,
+            self.mix,
+            self.num_samples,
+            self.seed,
+            self.mix_mode,
+            step_size=self.global_batch_size,
+            group_size=self.loss_group_size,
         )
         self.setup_validation()
         for name, source in train.items():

@@ -82,7 +82,9 @@ class MixedDataset(Dataset):
     """``num_samples`` samples drawn from per-source example lists, by round robin or by probability (``MixSchedule``).
 
     With ``step_size`` (the global batch), every sample also carries ``step_label_tokens``: the number of label
-    tokens in its whole optimizer step (all micro batches, all ranks).
+    tokens in its whole optimizer step (all micro batches, all ranks). With ``group_size`` as well
+    (``loss.normalization=rank_token_mean``), it carries ``group_label_tokens``: the label tokens of its group, the
+    contiguous block of ``group_size`` samples of its step it belongs to (BiLLa's batch of one GPU).
 
     A source is a ``StreamSource`` (read in file order: the ``k``-th draw is its ``k``-th row, ``data.stream``) or a
     tokenised list read in a seeded permutation that is redrawn each time the source is exhausted.
@@ -96,6 +98,7 @@ class MixedDataset(Dataset):
         seed: int,
         mode: str = "round_robin",
         step_size: int | None = None,
+        group_size: int | None = None,
     ):
         empty = [name for name in weights if not hasattr(sources.get(name), "at") and not sources.get(name)]
         if empty:
@@ -109,6 +112,9 @@ class MixedDataset(Dataset):
         self.num_samples = num_samples
         self.seed = seed
         self.step_size = step_size
+        if group_size is not None and (not step_size or step_size % group_size):
+            raise ValueError(f"loss group of {group_size} samples does not divide the global batch of {step_size}")
+        self.group_size = group_size
 
     def __len__(self) -> int:
         return self.num_samples
@@ -155,12 +161,25 @@ class MixedDataset(Dataset):
         indices = range(step * self.step_size, min((step + 1) * self.step_size, len(self)))
         return sum(label_tokens(self._sample(i)["labels"]) for i in indices)
 
+    @lru_cache(maxsize=4)  # noqa: B019 - every micro batch of a step asks for the same totals
+    def group_label_tokens(self, step: int) -> tuple[int, ...]:
+        """Label tokens of each group of ``group_size`` consecutive samples of optimizer step ``step``."""
+        first = step * self.step_size
+        groups = range(first, min(first + self.step_size, len(self)), self.group_size)
+        return tuple(
+            sum(label_tokens(self._sample(i)["labels"]) for i in range(start, min(start + self.group_size, len(self))))
+            for start in groups
+        )
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         sample = self._sample(index)
         if self.step_size:
-            sample["step_label_tokens"] = self.step_label_tokens(index // self.step_size)
+            step, within = divmod(index, self.step_size)
+            sample["step_label_tokens"] = self.step_label_tokens(step)
+            if self.group_size:
+                sample["group_label_tokens"] = self.group_label_tokens(step)[within // self.group_size]
         return sample
 
 

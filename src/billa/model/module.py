@@ -19,6 +19,9 @@ from billa.model.builders import add_residual_dropout, build_causal_lm, compile_
 from billa.model.loss import labelled_token_nll
 
 
+LOSS_NORMALIZATIONS = ("step_token_mean", "rank_token_mean")
+
+
 class BillaLM(L.LightningModule):
     """Full-parameter causal-LM training (no LoRA) of a LLaMA model.
 
@@ -36,6 +39,9 @@ class BillaLM(L.LightningModule):
         clip_grad_norm: clip the gradient norm here, before the optimizer step (used under bf16-mixed without
             DeepSpeed, where Lightning refuses to clip for a fused optimizer although bf16 needs no unscaling).
         compile: ``torch.compile`` each decoder layer (``compile_decoder_layers``); not under DeepSpeed.
+        loss_normalization: ``loss.normalization``: ``step_token_mean`` (the token mean over the whole optimizer
+            step) or ``rank_token_mean`` (BiLLa: the mean over the step's loss groups of each group's token mean).
+        loss_groups: loss groups per optimizer step under ``rank_token_mean`` (global batch / ``loss.rank_batch_size``).
     """
 
     def __init__(
@@ -52,13 +58,19 @@ class BillaLM(L.LightningModule):
         loss_chunk_tokens: int = 2048,
         clip_grad_norm: float | None = None,
         compile: bool = False,
+        loss_normalization: str = "step_token_mean",
+        loss_groups: int = 1,
     ):
         super().__init__()
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ConfigError(
+                f"loss.normalization={loss_normalization!r}: expected one of {', '.join(LOSS_NORMALIZATIONS)}"
+            )
         self.save_hyperparameters(logger=False)  # loggers get the whole config from build_logger, redacted
         self.model = None
         self.val_loss_start: float | None = None
         self.build_report: dict | None = None  # what this rank held right after building (PartitionReport)
-        self._step_sums: torch.Tensor | None = None  # (NLL sum, label tokens) of the current optimizer step
+        self._step_sums: torch.Tensor | None = None  # (NLL sum, label tokens, objective) of the optimizer step
         self._grad_norm: float | None = None
 
     def configure_model(self) -> None:
@@ -127,39 +139,57 @@ class BillaLM(L.LightningModule):
         return nll.mean() if nll.numel() else nll.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """The micro batch's share of the optimizer step's token-mean loss, in Lightning's units.
+        """The micro batch's share of the optimizer step's loss, in Lightning's units.
 
-        The objective of an optimizer step is the summed NLL of all its label tokens (every micro batch, every rank)
-        divided by their number ``N`` (``batch["step_label_tokens"]``, known from the data stream), as if the whole
-        global batch were one batch. Lightning divides what this returns by the accumulation count and data-parallel
-        strategies average gradients over ranks, so each micro batch returns ``nll_sum / (N / (ranks x accumulation))``
-        (the billa DeepSpeed strategies stop DeepSpeed from dividing by the accumulation count a second time).
-        Without ``step_label_tokens`` (another datamodule) the micro batch's own token mean is used.
+        ``loss.normalization=step_token_mean``: the objective of an optimizer step is the summed NLL of all its label
+        tokens (every micro batch, every rank) divided by their number ``N`` (``batch["step_label_tokens"]``, known
+        from the data stream), as if the whole global batch were one batch. ``rank_token_mean`` (BiLLa's): the step's
+        samples fall into ``loss_groups`` groups of consecutive samples (``batch["label_group_tokens"]``: each token's
+        group total), the objective is the mean over groups of each group's token mean. Lightning divides what this
+        returns by the accumulation count and data-parallel strategies average gradients over ranks, so each micro
+        batch returns its part of the objective x ranks x accumulation (the billa DeepSpeed strategies stop
+        DeepSpeed from dividing by the accumulation count a second time). Without the totals (another datamodule)
+        the micro batch's own token mean is used.
         """
         nll, _ = self.token_nll(batch)
         nll_sum = nll.sum()
         step_tokens = batch.get("step_label_tokens")
-        if step_tokens is None:
-            normaliser = max(nll.numel(), 1)
-        else:
-            normaliser = int(step_tokens) / (self.trainer.world_size * self.trainer.accumulate_grad_batches)
+        objective = self._step_objective(batch, nll, step_tokens)
         if self._step_sums is None:
-            self._step_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (NLL sum, label tokens)
-        self._step_sums += torch.stack([nll_sum.detach().double(), nll.new_tensor(nll.numel(), dtype=torch.float64)])
+            self._step_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # (NLL, tokens, objective)
+        count = nll.new_tensor(nll.numel(), dtype=torch.float64)
+        self._step_sums += torch.stack([nll_sum.detach().double(), count, objective.detach().double()])
         if not self.trainer.fit_loop._should_accumulate():  # the optimizer step's last micro batch
             self._log_step_loss(step_tokens)
-        return nll_sum / normaliser
+        if step_tokens is None:
+            return objective
+        return objective * (self.trainer.world_size * self.trainer.accumulate_grad_batches)
+
+    def _step_objective(self, batch: dict, nll: torch.Tensor, step_tokens) -> torch.Tensor:
+        """This micro batch's part of the optimizer step's loss (``loss.normalization``); (N,) token NLL in."""
+        if step_tokens is None:  # no step totals: the micro batch's own token mean
+            return nll.sum() / max(nll.numel(), 1)
+        if self.hparams.get("loss_normalization", "step_token_mean") == "step_token_mean":
+            return nll.sum() / max(int(step_tokens), 1)
+        labels = batch["labels"][:, 1:]  # the positions token_nll scored, in its row-major order
+        group_tokens = batch["label_group_tokens"][:, 1:][labels != -100].to(nll)  # (N,)
+        return (nll / (group_tokens.clamp(min=1) * self.hparams.loss_groups)).sum()
 
     def _log_step_loss(self, step_tokens: int | None) -> None:
-        """Log ``train/loss``: the token-weighted loss of the whole optimizer step (all micro batches, all ranks)."""
-        nll_sum, tokens = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum").tolist()
+        """Log ``train/loss``: the optimizer step's objective (all micro batches, all ranks; ``loss.normalization``).
+
+        ``step_token_mean``: the token mean of the step; ``rank_token_mean``: the mean of the groups' token means.
+        """
+        nll_sum, tokens, objective = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum").tolist()
         self._step_sums.zero_()
         if step_tokens is not None and int(tokens) != int(step_tokens):
             raise RuntimeError(
                 f"step {self.global_step}: the ranks' micro batches hold {int(tokens)} label tokens but the data "
                 f"stream says the step has {int(step_tokens)}: ranks do not read disjoint shares of the global batch"
             )
-        self.log("train/loss", nll_sum / max(tokens, 1), prog_bar=True, on_step=True, on_epoch=False)
+        grouped = step_tokens is not None and self.hparams.get("loss_normalization") == "rank_token_mean"
+        loss = objective if grouped else nll_sum / max(tokens, 1)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Gradient norm of the optimizer step, before clipping (DeepSpeed reports its own after the step).
