@@ -3,7 +3,8 @@
 Both collators return ``input_ids``, ``labels`` and ``attention_mask`` for the model, plus ``source`` and
 ``sample_tokens`` (one entry per sample) for per-source accounting; ``step_label_tokens`` (training: the loss
 normaliser of the optimizer step), ``label_group_tokens`` (``loss.normalization=rank_token_mean``: per token, the
-label tokens of its sample's loss group, shape (B, T) like ``labels``) and ``label_chars`` (validation: for bits per character) when the samples carry them.
+label tokens of its sample's loss group, shape (B, T) like ``labels``) and ``label_chars`` (validation: for bits per
+character) when the samples carry them.
 """
 
 from __future__ import annotations

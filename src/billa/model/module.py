@@ -18,7 +18,6 @@ from billa.distributed.memory import partition_report, track_materialised
 from billa.model.builders import add_residual_dropout, build_causal_lm, compile_decoder_layers
 from billa.model.loss import labelled_token_nll
 
-
 LOSS_NORMALIZATIONS = ("step_token_mean", "rank_token_mean")
 
 
