@@ -326,7 +326,10 @@ def report_data(stats: dict) -> None:
         line = f"{split}: {counts.get('records', 0)} records -> {counts.get('examples', 0)} examples"
         if counts.get("cut_long"):  # kept, cut to what a training window can use before tokenising
             line += f" ({counts['cut_long']} records longer than a window's text cut before tokenising)"
-        if any(dropped.values()):
+        unmapped = {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("unmapped_type/")}
+        if unmapped:  # used, but without a prompt: their type has no prompt file (data.prompt_types)
+            line += f" (task types without a prompt file, records trained without a prompt: {unmapped})"
+        if any(dropped.values()) or unmapped:
             log.warning("Data report %s; not used: %s %s", line, dropped, counts.get("skipped_examples", [])[:3])
         else:
             log.info("Data report %s", line)

@@ -25,6 +25,7 @@ from billa.data.stream import (
     state_of,
     tokenise_file,
 )
+from billa.data.tokenise import UNMAPPED
 from billa.tokenizer.load import load_tokenizer
 from billa.utils.errors import EmptyDataError
 from billa.utils.logging import get_logger
@@ -77,6 +78,8 @@ class BillaDataModule(L.LightningDataModule):
         slice: the stage's slice name (``data.slice``): a source with ``slices: {<name>: "start:stop"}`` trains
             on that range of its sorted train files only (stage 2 reads LM files stage 1 did not).
         prompt_types: ``data.prompt_types``: record ``type`` -> prompt-file stem, for types without their own files.
+        prompt_language: ``data.prompt_language``: ``match`` draws a task prompt line from those in the record's
+            language (the file's lines when it has none in it); ``any`` from every line.
         translation_prompts: ``data.translation_prompts``: ``en2zh`` / ``zh2en`` -> prompt file; default
             ``<prompts_dir>/translation.<direction>.prompt``.
         exact_mix_per_rank: every rank's micro batch holds the exact mix; checked against the batch plan by
@@ -113,6 +116,7 @@ class BillaDataModule(L.LightningDataModule):
         mix_mode: str = "round_robin",
         slice: str | None = None,  # the YAML key data.slice (shadows the builtin only in here)
         prompt_types: Mapping[str, str] | None = None,
+        prompt_language: str = "match",
         translation_prompts: Mapping[str, str] | None = None,
         exact_mix_per_rank: bool = False,
         root: str | None = None,
@@ -139,6 +143,12 @@ class BillaDataModule(L.LightningDataModule):
         self.build = build
         self.prompts_dir = prompts_dir or str(DEFAULT_PROMPTS_DIR)
         self.prompt_types = dict(prompt_types or {})
+        if prompt_language not in ("match", "any"):
+            raise ConfigError(
+                f"data.prompt_language={prompt_language!r}: expected match (task prompt lines in the record's "
+                "language) or any (every line of the prompt file, as BiLLa drew)"
+            )
+        self.prompt_language = prompt_language
         self.translation_prompts = dict(translation_prompts or {})
         self._prompts: dict[str, list[str]] | None = None
         self.translation_extra_newline = translation_extra_newline
@@ -188,6 +198,7 @@ class BillaDataModule(L.LightningDataModule):
             reader_options=options,
             on_error=self.on_error,
             prompt_types=types,
+            prompt_language=self.prompt_language if objective in ("task", "dialogue") else "match",
         )
 
     @property
@@ -389,6 +400,14 @@ class BillaDataModule(L.LightningDataModule):
                 split,
                 stats["skipped_malformed"],
                 stats["skipped_examples"],
+            )
+        unmapped = {k.removeprefix(UNMAPPED): v for k, v in stats.items() if k.startswith(UNMAPPED)}
+        if unmapped:
+            log.warning(
+                "%s/%s: task records of types with no prompt file trained without a prompt (data.prompt_types): %s",
+                name,
+                split,
+                unmapped,
             )
         if stats.get("no_target_after_truncation"):
             log.warning(

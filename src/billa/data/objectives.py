@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from billa.language import detect_lang
 from billa.templates import dialogue_prompt
 from billa.utils.errors import MissingInputError
 
@@ -52,6 +53,7 @@ class ObjectiveContext:
     prompts: dict[str, list[str]] = field(default_factory=dict)  # prompt-file stem -> lines
     translation_extra_newline: bool = False  # stage 2: source.rstrip() + "\n" + prompt + "\n" (BiLLa's stage-2 code)
     prompt_types: dict[str, str] = field(default_factory=dict)  # record `type` -> prompt-file stem (data.prompt_types)
+    prompt_language: str = "match"  # task prompt lines: match = those in the record's language; any = every line
 
 
 def record_rng(seed: int, source: str, key: str | int, visit: int | None = None) -> random.Random:
@@ -159,18 +161,39 @@ def prompt_stem(kind: str | None, ctx: ObjectiveContext) -> str | None:
     return ctx.prompt_types.get(kind, kind)
 
 
-def task_choices(kind: str | None, ctx: ObjectiveContext) -> list[tuple[float, str | None, str]]:
+def unmapped_type(kind: str | None, ctx: ObjectiveContext) -> bool:
+    """A non-empty task ``type`` with no prompt file: neither its own ``<type>.{pre,post}.prompt`` nor a stem in
+    ``data.prompt_types`` that has one. Its records get no prompt (BiLLa's rule); tokenisation counts and reports them.
+    """
+    stem = prompt_stem(kind, ctx)
+    return bool(kind) and not (ctx.prompts.get(f"{stem}.pre") or ctx.prompts.get(f"{stem}.post"))
+
+
+def prompt_lines(lines: list[str], text: str | None, ctx: ObjectiveContext) -> list[str]:
+    """The lines of a task prompt file a record of ``text`` draws from: with ``prompt_language=match`` those in the
+    record's language (``billa.language.detect_lang``), all of them when the file has none in it (or no text)."""
+    if ctx.prompt_language != "match" or text is None:
+        return lines
+    lang = detect_lang(text)
+    return [line for line in lines if detect_lang(line) == lang] or lines
+
+
+def task_choices(
+    kind: str | None, ctx: ObjectiveContext, text: str | None = None
+) -> list[tuple[float, str | None, str]]:
     """(probability, placement, prompt) of every task draw, as BiLLa's stage-2 code draws them.
 
     BiLLa flips a fair coin between "post" and "pre"; when ``<type>.<placement>.prompt`` does not exist (or the type
     is empty) the sample gets no prompt, else one line of that file at random. So with both files each placement
     has probability 1/2, with one file that prompt and no prompt have 1/2 each, with none the prompt is always absent.
+    The line is drawn from those in the language of ``text`` (the record's input; ``prompt_lines``).
     """
     stem = prompt_stem(kind, ctx)
     choices: list[tuple[float, str | None, str]] = []
     none = 0.0
     for placement in ("post", "pre"):
         lines = ctx.prompts.get(f"{stem}.{placement}") if stem else None
+        lines = prompt_lines(lines, text, ctx) if lines else None
         if lines:
             choices += [(0.5 / len(lines), placement, line) for line in lines]
         else:
@@ -201,7 +224,7 @@ def task_example(record: dict, ctx: ObjectiveContext, placement: str | None, pro
 
 def task(record: dict, ctx: ObjectiveContext, rng: random.Random) -> Example | None:
     """One draw of the stage-2 task objective (placement and prompt line as ``task_choices``)."""
-    _, placement, prompt = _pick(task_choices(record.get("type"), ctx), rng)
+    _, placement, prompt = _pick(task_choices(record.get("type"), ctx, record["input"]), rng)
     return task_example(record, ctx, placement, prompt)
 
 
@@ -222,7 +245,7 @@ def dialogue_turns(
     if "instruction" in record:
         question = "\n".join(part for part in (record["instruction"].strip(), record.get("input", "").strip()) if part)
         return [(question, record["output"].strip())]
-    _, placement, prompt = choice or _pick(task_choices(record.get("type"), ctx), rng)
+    _, placement, prompt = choice or _pick(task_choices(record.get("type"), ctx, record["input"]), rng)
     parts = {"pre": (prompt, record["input"].strip()), "post": (record["input"].strip(), prompt)}
     question = "\n".join(parts.get(placement, (record["input"].strip(),)))
     return [(question, record["output"].strip())]
@@ -301,12 +324,12 @@ def variants(name: str, record: dict, ctx: ObjectiveContext) -> Variants | None:
         choices = translation_choices(ctx)
         return _variants([(w, translation_example(record, ctx, d, p)) for w, d, p in choices])
     if name == "task":
-        choices = task_choices(record.get("type"), ctx)
+        choices = task_choices(record.get("type"), ctx, record["input"])
         return _variants([(w, task_example(record, ctx, pl, p)) for w, pl, p in choices])
     if name == "dialogue":
         if "turns" in record or "instruction" in record:
             return _variants([(1.0, _dialogue_example(dialogue_turns(record, ctx), ctx))])
-        choices = task_choices(record.get("type"), ctx)
+        choices = task_choices(record.get("type"), ctx, record["input"])
         return _variants([(c[0], _dialogue_example(dialogue_turns(record, ctx, choice=c), ctx)) for c in choices])
     if name in OBJECTIVES:  # causal_lm and any objective without random choices: its one example
         return _variants([(1.0, OBJECTIVES[name](record, ctx, random.Random(0)))])

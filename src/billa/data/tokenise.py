@@ -27,8 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from billa.data.objectives import ObjectiveContext, variants
-from billa.data.readers import Piece, ReadStats, plan_pieces, read_piece, record_char_bound
+from billa.data.objectives import ObjectiveContext, unmapped_type, variants
+from billa.data.readers import DataFormatError, Piece, ReadStats, plan_pieces, read_piece, record_char_bound
 
 CHUNK = 2000  # records tokenised together (one batched encode, one Arrow record batch)
 
@@ -46,6 +46,7 @@ class ObjectiveSettings:
     reader_options: tuple = ()
     on_error: str = "raise"
     prompt_types: tuple = ()  # (record type, prompt-file stem) pairs: data.prompt_types
+    prompt_language: str = "match"  # data.prompt_language (task and dialogue objectives)
 
 
 def tokenizer_spec(tokenizer) -> dict:
@@ -84,6 +85,31 @@ _STATE: dict = {}
 
 def init(spec: dict, prompts: dict[str, list[str]]) -> None:
     _STATE["worker"] = _Worker(spec, prompts)
+
+
+UNMAPPED = "unmapped_type/"  # counter prefix: task records of a type with no prompt file, per type
+
+
+def count_unmapped_types(records: list, settings: ObjectiveSettings, ctx: ObjectiveContext, counts: dict) -> None:
+    """Count task records whose ``type`` has no prompt file (``objectives.unmapped_type``) into ``counts``.
+
+    Raises:
+        DataFormatError: with ``data.on_error=raise``, at the first such record, naming file, line and the fix.
+    """
+    if settings.objective not in ("task", "dialogue"):
+        return
+    for record in records:
+        kind = record.fields.get("type")
+        if "input" not in record.fields or not unmapped_type(kind, ctx):
+            continue
+        if settings.on_error == "raise":
+            raise DataFormatError(
+                f"{record.where}: task type {kind!r} has no prompt file: add `data.prompt_types.{kind}: "
+                f"<stem>` (a stem with <stem>.pre.prompt / <stem>.post.prompt in data.prompts_dir) or a "
+                f"{kind}.pre.prompt / {kind}.post.prompt file; data.on_error=skip trains such records without a prompt "
+                "(BiLLa's rule) and counts them per type in the data report"
+            )
+        counts[UNMAPPED + kind] = counts.get(UNMAPPED + kind, 0) + 1
 
 
 def _encode_chunk(records: list, settings: ObjectiveSettings, ctx: ObjectiveContext, encode) -> tuple[list, int]:
@@ -147,8 +173,10 @@ def tokenize_piece(piece: Piece, settings: ObjectiveSettings, out: str) -> dict:
         prompts=worker.prompts,
         translation_extra_newline=settings.translation_extra_newline,
         prompt_types=dict(settings.prompt_types),
+        prompt_language=settings.prompt_language,
     )
     stats = ReadStats()
+    unmapped: dict[str, int] = {}
     n_examples = dropped = 0
     bound = record_char_bound(settings.max_len)  # a 30 MB one-line record costs no more than a window
     records = read_piece(
@@ -157,6 +185,7 @@ def tokenize_piece(piece: Piece, settings: ObjectiveSettings, out: str) -> dict:
     tmp, table_schema = out + tmp_suffix(), schema()
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, table_schema) as writer:
         while chunk := list(itertools.islice(records, CHUNK)):
+            count_unmapped_types(chunk, settings, ctx, unmapped)
             examples, chunk_dropped = _encode_chunk(chunk, settings, ctx, worker.encode)
             dropped += chunk_dropped
             n_examples += len(examples)
@@ -172,7 +201,7 @@ def tokenize_piece(piece: Piece, settings: ObjectiveSettings, out: str) -> dict:
     os.replace(tmp, out)
     result = {
         "examples": n_examples,
-        "stats": stats.counters(no_target=dropped),
+        "stats": {**stats.counters(no_target=dropped), **unmapped},
     }
     marker = Path(out).with_suffix(".json")
     marker_tmp = marker.with_name(marker.name + tmp_suffix())

@@ -7,17 +7,16 @@ answer). Literal braces in a template are written ``{{`` and ``}}``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from billa.language import CJK, detect_lang  # noqa: F401 - re-exported: rationale code imports them from here
 from billa.rationale.answers import CHECKS
 
 DEFAULT_PROMPT_DIR = Path(__file__).resolve().parents[3] / "conf" / "rationale_prompts"
 LANGS = ("zh", "en")
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
 @dataclass(frozen=True)
@@ -66,14 +65,6 @@ def load_template(path: Path) -> Template:
     return Template(
         path.name.removesuffix(".yaml"), data["check"], data.get("system") or "", data["user"], data["answer_line"]
     )
-
-
-def detect_lang(text: str) -> str:
-    """``zh`` when at least 10% of the non-space characters are CJK ideographs, else ``en``."""
-    chars = [ch for ch in text if not ch.isspace()]
-    if not chars:
-        return "en"
-    return "zh" if sum(bool(CJK.match(ch)) for ch in chars) >= 0.1 * len(chars) else "en"
 
 
 class TemplateSet:
