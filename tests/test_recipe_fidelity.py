@@ -191,3 +191,37 @@ def test_variants_carry_the_draw_probabilities():
     record = {"input": "A long article.", "output": "Short.", "type": "cnndm"}
     found: Variants = variants("task", record, _ctx())
     assert len(found.examples) == 2 and sum(found.weights) == pytest.approx(1.0)
+
+
+def test_recipe_table_keys_hold_the_values_it_states():
+    """Every row of docs/recipe.md's recipe table that names `file: key` states billa's value first in its billa
+    column; the file holds that value under that key.
+
+    Catches the table drifting from the configs (a stage's lr, a hardware file's micro batch or the default loss
+    normalisation changed without the table) and a key the table names that no longer exists.
+    """
+    import re
+    from pathlib import Path
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "recipe.md").read_text(encoding="utf-8")
+    table = text.split("## Recipe table", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    rows = [cells for cells in rows if cells[3].startswith("`conf/")]
+    assert len(rows) >= 30, "the recipe table lost its config keys"
+    wrong = []
+    for cells in rows:
+        fact, billa, key = cells[0].lstrip("| "), cells[2], cells[3]
+        path, dotted = re.fullmatch(r"`(conf/[^:`]+\.yaml): ([^`]+)`", key.strip()).groups()
+        stated = yaml.safe_load(re.search(r"`([^`]+)`", billa).group(1))
+        node = OmegaConf.load(root / path)
+        found = OmegaConf.select(node, dotted, default="<missing>")
+        if "." not in dotted and dotted not in node:
+            found = "<missing>"
+        actual = OmegaConf.to_container(found) if OmegaConf.is_config(found) else found
+        if actual != stated and not (isinstance(actual, float) and actual == pytest.approx(stated)):
+            wrong.append(f"{fact}: {path} {dotted} = {actual!r}, table says {stated!r}")
+    assert wrong == []
