@@ -225,3 +225,27 @@ def test_recipe_table_keys_hold_the_values_it_states():
         if actual != stated and not (isinstance(actual, float) and actual == pytest.approx(stated)):
             wrong.append(f"{fact}: {path} {dotted} = {actual!r}, table says {stated!r}")
     assert wrong == []
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "expected"),
+    [
+        ("convert", ["op=expand_vocab", "model=llama-7b"], 14943),
+        ("convert", ["op=expand_vocab"], None),
+        ("train", ["pipeline=billa", "+op@pipeline.vocab=expand_vocab", "model=llama-7b"], 14943),
+        ("train", ["pipeline=billa", "+op@pipeline.vocab=expand_vocab", "model=tiny"], None),
+    ],
+)
+def test_llama_7b_vocabulary_step_defaults_to_billas_size(config, overrides, expected):
+    """model=llama-7b gives the vocabulary step (convert.py and the pipeline's) BiLLa's 14,943 added pieces; without
+    a model, or with the tiny one, every piece the Chinese model offers. Catches the 46,943-piece vocabulary needing
+    op.added_pieces by hand again."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base=None):
+        cfg = compose(config, overrides=overrides)
+    op = cfg.op if config == "convert" else cfg.pipeline.vocab
+    assert op.added_pieces == expected
