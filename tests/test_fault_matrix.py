@@ -134,7 +134,10 @@ def test_kill_during_stream_tokenisation(uninterrupted, tmp_path, cache_dir):
     done = _kill_when(proc, _first(tokens, f"*/*/{STREAM_FORMAT}/*/done.json"), log)
     stream_files = [d for d in done.parents[1].iterdir() if d.is_dir()]
     finished = {
-        piece: piece.stat().st_mtime_ns for d in stream_files if (d / "done.json").is_file() for piece in d.glob("*.arrow")
+        piece: piece.stat().st_mtime_ns
+        for d in stream_files
+        if (d / "done.json").is_file()
+        for piece in d.glob("*.arrow")
     }
     assert finished, "no finished piece survived the kill"
     assert not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").iterdir())
