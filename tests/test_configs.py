@@ -35,7 +35,8 @@ def test_every_stage_and_hardware_composes_with_real_data(compose, stage, hardwa
     """Catches a stage whose mix names a source the data config lacks, or a batch that cannot divide (e.g. the
     sample's global batch on 8 GPUs), for every (stage, hardware, data) a user can choose."""
     model = "llama-7b" if data == "billa" else "tiny"
-    cfg = compose([f"stage={stage}", f"hardware={hardware}", f"data={data}", f"model={model}"])
+    vocab = "model.vocab_size=46943"  # hardware.micro_batch_size=auto plans with it (no tokenizer needed here)
+    cfg = compose([f"stage={stage}", f"hardware={hardware}", f"data={data}", f"model={model}", vocab])
     plan = validate(cfg)  # every stage's mix is covered by data=billa, and its batch divides on this hardware
     assert plan.global_size == cfg.batch.global_size
     assert plan.global_size == plan.micro_size * plan.world_size * plan.accumulation
@@ -134,7 +135,7 @@ def test_a_mix_source_missing_from_the_data_config_is_named(compose):
 
 
 def test_bad_batch_combination_names_the_keys(compose):
-    cfg = compose(["hardware=8xa100", "batch.global_size=100", "data=billa"])
+    cfg = compose(["hardware=8xa100", "hardware.micro_batch_size=2", "batch.global_size=100", "data=billa"])
     with pytest.raises(ConfigError) as err:
         plan_batch(cfg)
     message = str(err.value)
@@ -145,10 +146,10 @@ def test_bad_batch_combination_names_the_keys(compose):
 
 
 def test_batch_accumulation_is_derived(compose):
-    cfg = compose(["stage=pretrain", "hardware=8xa100", "data=billa"])
+    cfg = compose(["stage=pretrain", "hardware=8xa100", "hardware.micro_batch_size=2", "data=billa"])
     plan = plan_batch(cfg)
     assert (plan.micro_size, plan.world_size, plan.accumulation) == (2, 8, 10)  # 160 = 2 x 8 x 10
-    cfg = compose(["stage=sft", "hardware=8xa100", "data=billa"])
+    cfg = compose(["stage=sft", "hardware=8xa100", "hardware.micro_batch_size=2", "data=billa"])
     assert plan_batch(cfg).accumulation == 3  # 48 = 2 x 8 x 3
 
 

@@ -150,7 +150,7 @@ def test_checklist_command_composes(command):
                 pytest.skip(f"{command.where}: {_key(override)} is not in conf/ yet (being added on main)")
     cfg = compose(command.door, overrides)
     if command.door == "train.py":
-        plan = plan_batch(cfg)
+        plan = plan_batch(cfg, vocab_size=46_943)  # auto hardware plans with BiLLa's vocabulary (no tokenizer here)
         assert plan.global_size == cfg.batch.global_size
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from billa.config import ConfigError
 from billa.data.readers import DataFormatError
 from billa.distributed.safe_load import pretrained_loading
 from billa.templates import dialogue_prompt
@@ -103,6 +104,8 @@ def run(cfg: DictConfig) -> list[dict]:
 
     setup_logging()
     console = Console(soft_wrap=True)
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"`device`={cfg.device}, but this machine has no CUDA device: set device=cpu")
     model_path = cfg.model_path or latest_export(cfg.outputs_dir)
     log.info("chat: %s", model_path)
     chat = Chat(model_path, cfg.dtype, cfg.device, **dict(cfg.generation))

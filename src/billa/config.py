@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +29,210 @@ def exit_on_config_error() -> contextlib.AbstractContextManager[None]:
     return exit_on_error()
 
 
-def _positive_int(cfg: DictConfig, key: str) -> int:
+def _positive_int(cfg: DictConfig, key: str, also: str = "") -> int:
     from omegaconf import OmegaConf
 
     value = OmegaConf.select(cfg, key, throw_on_missing=False)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"`{key}` must be a positive integer, got {value!r}")
+        raise ConfigError(f"`{key}` must be a positive integer{also}, got {value!r}")
     return value
+
+
+AUTO = "auto"
+AUTO_MEMORY_FRACTION = 0.9  # `auto` keeps the planned peak within 90 % of hardware.gpu_memory_gb: the plan's margin
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``resolve_auto`` chose for the hardware keys set to ``auto``, and the memory plan it chose by.
+
+    Attributes:
+        micro_size: the micro batch per device.
+        activation_checkpointing: recompute activations in the backward pass.
+        micro_auto: ``hardware.micro_batch_size`` was ``auto``.
+        checkpointing_auto: ``hardware.activation_checkpointing`` was ``auto``.
+        planned: the memory plan's total per device for the choice, in bytes.
+        usable: ``AUTO_MEMORY_FRACTION`` x ``hardware.gpu_memory_gb`` in bytes (None: capacity unknown).
+    """
+
+    micro_size: int
+    activation_checkpointing: bool
+    micro_auto: bool
+    checkpointing_auto: bool
+    planned: float | None = None
+    usable: float | None = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.micro_auto:
+            parts.append(f"micro batch auto -> {self.micro_size}")
+        if self.checkpointing_auto:
+            parts.append(f"activation checkpointing auto -> {'on' if self.activation_checkpointing else 'off'}")
+        if self.usable is None:
+            return ", ".join(parts) + " (device memory unknown: hardware.gpu_memory_gb is null)"
+        gib = 1024**3
+        return (
+            ", ".join(parts) + f" (plan: {self.planned / gib:.1f} GiB of {self.usable / gib:.1f} GiB usable, "
+            f"{AUTO_MEMORY_FRACTION:.0%} of hardware.gpu_memory_gb)"
+        )
+
+
+def resolve_auto(cfg: DictConfig, vocab_size: int | None = None) -> AutoChoice | None:
+    """Replace ``hardware.micro_batch_size=auto`` and ``hardware.activation_checkpointing=auto`` in ``cfg`` by the
+    values the memory plan chooses, once, so everything after reads integers and booleans.
+
+    The choice is a function of the config alone (same on every rank, node and resume): the micro batches tried are
+    the divisors of the per-device share of the global batch (``batch.global_size / (devices x num_nodes)``; with
+    ``data.exact_mix_per_rank`` only multiples of the mix cycle), largest first, with activation checkpointing off;
+    checkpointing is turned on only when no micro batch fits without it. A plan fits when its total per device is
+    at most ``AUTO_MEMORY_FRACTION`` x ``hardware.gpu_memory_gb``; accumulation follows (``plan_batch``).
+    With ``hardware.gpu_memory_gb`` null (a CPU) there is nothing to fit: checkpointing ``auto`` is off and a
+    micro batch ``auto`` is refused.
+
+    Args:
+        cfg: the composed training config; its ``hardware`` node is changed in place.
+        vocab_size: embedding rows; default ``model.vocab_size``, or the tokenizer's size when that is null.
+
+    Returns:
+        The choice (None when neither key is ``auto``).
+
+    Raises:
+        ConfigError: no micro batch divides the share, the capacity is unknown, or nothing fits (unless
+            ``memory_check=false``: then the smallest plan is taken).
+    """
+    from omegaconf import read_write
+
+    hw = cfg.hardware
+    micro_auto, checkpointing_auto = hw.micro_batch_size == AUTO, hw.activation_checkpointing == AUTO
+    if not checkpointing_auto and not isinstance(hw.activation_checkpointing, bool):
+        raise ConfigError(
+            f"`hardware.activation_checkpointing`={hw.activation_checkpointing!r}: expected true, false or auto"
+        )
+    if not (micro_auto or checkpointing_auto):
+        return None
+    micros = _auto_micro_sizes(cfg) if micro_auto else [_positive_int(cfg, "hardware.micro_batch_size", " or auto")]
+    checkpointing = [False, True] if checkpointing_auto else [hw.activation_checkpointing]
+    capacity = hw.get("gpu_memory_gb")
+    if capacity is None:
+        if micro_auto:
+            raise ConfigError(
+                f"`hardware.micro_batch_size`=auto chooses the micro batch from the memory plan against "
+                f"hardware.gpu_memory_gb, which is null here ({hardware_file()}: a CPU or an unknown device). Set "
+                f"hardware.micro_batch_size to a number (one of {micros} divides the global batch), or "
+                "hardware.gpu_memory_gb to the device memory in GiB"
+            )
+        choice = AutoChoice(micros[0], False, micro_auto, checkpointing_auto)
+    else:
+        choice = _fit(cfg, vocab_size, micros, checkpointing, capacity, micro_auto, checkpointing_auto)
+    with read_write(hw):
+        hw.micro_batch_size, hw.activation_checkpointing = choice.micro_size, choice.activation_checkpointing
+    return choice
+
+
+def _auto_micro_sizes(cfg: DictConfig) -> list[int]:
+    """Micro batches ``auto`` may take, largest first: divisors of the global batch's per-device share."""
+    global_size = _positive_int(cfg, "batch.global_size")
+    devices = _positive_int(cfg, "hardware.devices")
+    nodes = _positive_int(cfg, "hardware.num_nodes")
+    world = devices * nodes
+    if global_size % world:
+        raise ConfigError(
+            f"batch.global_size={global_size} does not divide over hardware.devices={devices} x "
+            f"hardware.num_nodes={nodes} = {world} ranks, so hardware.micro_batch_size=auto has no micro batch to "
+            f"choose: change batch.global_size to a multiple of {world}"
+        )
+    share = global_size // world
+    sizes = [m for m in range(share, 0, -1) if share % m == 0]
+    if cfg.data.get("exact_mix_per_rank") and cfg.data.get("mix_mode") == "round_robin":
+        cycle = sum(int(w) for w in (cfg.data.get("mix") or {}).values())
+        sizes = [m for m in sizes if cycle and m % cycle == 0] or sizes  # none: validate names the mix cycle
+    return sizes
+
+
+def _fit(
+    cfg: DictConfig,
+    vocab_size: int | None,
+    micros: list[int],
+    checkpointing: list[bool],
+    capacity_gb: float,
+    micro_auto: bool,
+    checkpointing_auto: bool,
+) -> AutoChoice:
+    """The first (checkpointing, micro batch) in order whose memory plan fits ``AUTO_MEMORY_FRACTION`` x capacity."""
+    from billa.distributed.memory import GIB
+
+    usable = AUTO_MEMORY_FRACTION * capacity_gb * GIB
+    plan = _memory_planner(cfg, vocab_size if vocab_size is not None else _planning_vocab(cfg))
+    for recompute in checkpointing:
+        for micro in micros:
+            total = plan(micro, recompute).total
+            if total <= usable:
+                return AutoChoice(micro, recompute, micro_auto, checkpointing_auto, total, usable)
+    micro, recompute = micros[-1], checkpointing[-1]
+    smallest = plan(micro, recompute).total
+    if cfg.get("memory_check", True):
+        raise ConfigError(
+            f"model={cfg.model.name} with this hardware config needs ~{smallest / GIB:.1f} GiB per device even at "
+            f"micro batch {micro} with activation checkpointing {'on' if recompute else 'off'}, but "
+            f"hardware.gpu_memory_gb={capacity_gb} leaves {usable / GIB:.1f} GiB ({AUTO_MEMORY_FRACTION:.0%}) for it. "
+            "Use more devices or a ZeRO offload hardware config (hardware=8xa100-offload); set memory_check=false "
+            "to try the smallest plan anyway."
+        )
+    log.warning("memory_check=false: no micro batch fits the memory plan; trying micro batch %d", micro)
+    return AutoChoice(micro, recompute, micro_auto, checkpointing_auto, smallest, usable)
+
+
+def _memory_planner(cfg: DictConfig, vocab_size: int):
+    """``(micro batch, checkpointing) -> MemoryPlan`` for this config's model, hardware and sequence length."""
+    from omegaconf import OmegaConf
+
+    from billa.distributed.memory import plan_memory
+    from billa.model.builders import count_parameters
+
+    hw, arch = cfg.hardware, cfg.model.architecture
+    strategy = hw.strategy
+    deepspeed = None if isinstance(strategy, str) else OmegaConf.to_container(strategy.get("config"), resolve=True)
+    stage, offload_optimizer, offload_parameters = zero_settings(deepspeed)
+    n_params = count_parameters(arch, vocab_size)
+    world = hw.devices * hw.num_nodes
+    seq_len = _positive_int(cfg, "data.max_seq_length")
+
+    def plan(micro: int, recompute: bool):
+        return plan_memory(
+            n_params, arch, vocab_size, micro, seq_len, world, str(hw.precision), stage, offload_optimizer,
+            offload_parameters, recompute, hw.get("gpu_memory_gb"),
+        )  # fmt: skip
+
+    return plan
+
+
+def _planning_vocab(cfg: DictConfig) -> int:
+    """Embedding rows for the memory plan: ``model.vocab_size``, or the tokenizer's size when that is null."""
+    rows = cfg.model.get("vocab_size")
+    if rows is not None:
+        return int(rows)  # billa.train.embedding_rows checks it against the tokenizer once that is loaded
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from billa.tokenizer.load import load_tokenizer
+
+    try:
+        return len(load_tokenizer(instantiate(cfg.model.tokenizer)))
+    except (OSError, InstantiationException) as err:
+        raise ConfigError(
+            "`hardware.micro_batch_size`/`hardware.activation_checkpointing`=auto plan memory with the vocabulary "
+            f"size (embedding rows, logits), but the tokenizer (model.tokenizer) could not be read: {err}. Set "
+            "model.vocab_size to the tokenizer's size, or hardware.micro_batch_size and "
+            "hardware.activation_checkpointing to fixed values"
+        ) from err
+
+
+def hardware_file(choice: str | None = None) -> str:
+    """``conf/hardware/<choice>.yaml`` of the running Hydra job (``choice`` given: that one), for messages."""
+    from billa.model_card import hydra_choice
+
+    choice = choice or hydra_choice("hardware")
+    return f"conf/hardware/{choice}.yaml" if choice else "the hardware config (hardware=...)"
 
 
 @dataclass(frozen=True)
@@ -47,6 +244,7 @@ class BatchPlan:
     devices: int
     num_nodes: int
     accumulation: int
+    auto: AutoChoice | None = field(default=None, compare=False)  # set when `auto` chose the micro batch
 
     @property
     def world_size(self) -> int:
@@ -59,15 +257,18 @@ class BatchPlan:
         )
 
 
-def plan_batch(cfg: DictConfig) -> BatchPlan:
+def plan_batch(cfg: DictConfig, vocab_size: int | None = None) -> BatchPlan:
     """Derive gradient accumulation from ``batch.global_size`` and the hardware, or explain why it does not divide.
+
+    ``auto`` hardware values are resolved first (``resolve_auto``, with ``vocab_size``), in ``cfg`` itself.
 
     Raises:
         ConfigError: naming ``batch.global_size``, ``hardware.micro_batch_size``, ``hardware.devices`` and
             ``hardware.num_nodes`` with the values that would divide evenly.
     """
+    auto = resolve_auto(cfg, vocab_size)
     global_size = _positive_int(cfg, "batch.global_size")
-    micro = _positive_int(cfg, "hardware.micro_batch_size")
+    micro = _positive_int(cfg, "hardware.micro_batch_size", " or auto")
     devices = _positive_int(cfg, "hardware.devices")
     nodes = _positive_int(cfg, "hardware.num_nodes")
     per_step = micro * devices * nodes
@@ -79,7 +280,7 @@ def plan_batch(cfg: DictConfig) -> BatchPlan:
             f"With these devices, hardware.micro_batch_size may be one of {fitting or 'none'}; "
             f"or change batch.global_size to a multiple of {per_step}."
         )
-    return BatchPlan(global_size, micro, devices, nodes, global_size // per_step)
+    return BatchPlan(global_size, micro, devices, nodes, global_size // per_step, auto)
 
 
 def zero_settings(strategy_config: Mapping | None) -> tuple[int | None, bool, bool]:
@@ -174,9 +375,10 @@ def _check_model_dir(value: str | None, key: str, local_only: bool) -> None:
         raise ConfigError(f"`{key}`={value}: not a HF model directory (no config.json); point it at the export")
 
 
-def validate(cfg: DictConfig) -> BatchPlan:
-    """Check the composed training config before anything heavy starts; returns the batch plan."""
-    plan = plan_batch(cfg)
+def validate(cfg: DictConfig, vocab_size: int | None = None) -> BatchPlan:
+    """Check the composed training config before anything heavy starts; returns the batch plan (``auto`` hardware
+    values resolved in ``cfg``, see ``resolve_auto``)."""
+    plan = plan_batch(cfg, vocab_size)
     on_error = cfg.data.on_error
     if on_error not in ON_ERROR:
         raise ConfigError(

@@ -24,7 +24,8 @@ from billa.config import ConfigError, HardwarePlan, complete, plan_hardware, val
 from billa.data.datamodule import BillaDataModule
 from billa.data.stream import STATE_FILE
 from billa.distributed.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
-from billa.distributed.memory import plan_memory
+from billa.distributed.machine import check_machine
+from billa.distributed.memory import MemoryPlan, PeakMemoryCheck, plan_memory
 from billa.distributed.reshard import check_resumable
 from billa.distributed.safe_load import check_checkpoint, weights_only_loading
 from billa.export import gather_state_dict, save_hf_model
@@ -120,8 +121,9 @@ def build_strategy(hardware_cfg: DictConfig, hardware: HardwarePlan):
     return instantiate(node, _convert_="all")
 
 
-def check_memory(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_seq_length: int) -> None:
-    """Print the per-device memory plan; stop before training when it cannot fit (``memory_check: false`` skips)."""
+def check_memory(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_seq_length: int) -> MemoryPlan:
+    """Print the per-device memory plan (and what ``auto`` chose from it); stop before training when it cannot fit
+    (``memory_check: false`` skips the stop). Returns the plan."""
     hw, batch = cfg.hardware, hardware.batch
     n_params = count_parameters(cfg.model.architecture, vocab_size)
     memory = plan_memory(
@@ -139,8 +141,14 @@ def check_memory(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_s
         hw.get("gpu_memory_gb"),
     )
     zero = "no ZeRO" if hardware.zero_stage is None else f"ZeRO stage {hardware.zero_stage}"
+    chosen = f"\n  {batch.auto}" if batch.auto else ""
     log.info(
-        "Memory plan: %s parameters, %s over %d ranks:\n%s", f"{n_params:,}", zero, batch.world_size, memory.table()
+        "Memory plan: %s parameters, %s over %d ranks:\n%s%s",
+        f"{n_params:,}",
+        zero,
+        batch.world_size,
+        memory.table(),
+        chosen,
     )
     if not memory.fits and cfg.get("memory_check", True):
         raise ConfigError(
@@ -149,6 +157,7 @@ def check_memory(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_s
             f"{batch.micro_size}), enable hardware.activation_checkpointing, use more devices or a ZeRO offload "
             "hardware config (hardware=8xa100-offload); set memory_check=false to try anyway."
         )
+    return memory
 
 
 def build_logger(cfg: DictConfig):
@@ -159,7 +168,10 @@ def build_logger(cfg: DictConfig):
     return logger
 
 
-def build_trainer(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_seq_length: int) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_seq_length: int, memory: MemoryPlan | None = None
+) -> L.Trainer:
+    """The Lightning trainer of the hardware plan; ``memory``: compare it with the GPU's peak after step 2."""
     hw, batch = cfg.hardware, hardware.batch
     logger = build_logger(cfg)
     arch = cfg.model.architecture
@@ -183,6 +195,8 @@ def build_trainer(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_
     ]
     if cfg.get("stop_after_steps"):
         callbacks.append(StopAtStep(cfg.stop_after_steps))
+    if memory is not None:
+        callbacks.append(PeakMemoryCheck(memory, cfg.output_dir))  # on a CUDA device only
     progress, enable_progress_bar = progress_callbacks(
         cfg.progress, cfg.trainer.log_every_n_steps, cfg.trainer.enable_progress_bar, cfg.stage_name
     )
@@ -376,8 +390,11 @@ def run(cfg: DictConfig) -> dict:
     """
     setup_logging()
     redact_hydra_files()  # a key inside a URL or an override never stays in .hydra/*.yaml
-    hardware = plan_hardware(cfg, validate(cfg))
-    log.info("Stage %s, model %s, %s", cfg.stage_name, cfg.model.name, hardware.batch)
+    if not cfg.prepare_only:  # tokenising on a CPU node before the GPU job is what prepare_only is for
+        check_machine(cfg)  # a GPU config on a CPU machine stops here, before any tokenising or logger
+    hardware = plan_hardware(cfg, validate(cfg))  # `auto` hardware values are chosen here, once
+    chosen = f" ({hardware.batch.auto})" if hardware.batch.auto else ""
+    log.info("Stage %s, model %s, %s%s", cfg.stage_name, cfg.model.name, hardware.batch, chosen)
     ckpt_path = resume_checkpoint(cfg, hardware)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -390,9 +407,9 @@ def run(cfg: DictConfig) -> dict:
         datamodule.prepare_stage()
         report_data(datamodule.stats)
         return {"data": datamodule.stats, "token_cache_dir": datamodule.token_cache_dir}
-    check_memory(cfg, hardware, runtime["vocab_size"], datamodule.max_seq_length)
+    memory = check_memory(cfg, hardware, runtime["vocab_size"], datamodule.max_seq_length)
     module: BillaLM = complete(cfg.module, runtime, key="module")
-    trainer = build_trainer(cfg, hardware, runtime["vocab_size"], datamodule.max_seq_length)
+    trainer = build_trainer(cfg, hardware, runtime["vocab_size"], datamodule.max_seq_length, memory)
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)
     with weights_only_loading(bool(cfg.trust_checkpoint)) if ckpt_path else contextlib.nullcontext():  # DeepSpeed's too

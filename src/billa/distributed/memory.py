@@ -11,11 +11,18 @@ parameters; offload moves optimizer states (and parameters) to CPU memory. Activ
 from __future__ import annotations
 
 import contextlib
+import json
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
+
+from billa.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 GIB = 1024**3
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context, allocator fragmentation, communication buffers (a measured rule of thumb)
@@ -144,3 +151,66 @@ def track_materialised():
         yield peak
     finally:
         handle.remove()
+
+
+# ---- the plan against the GPU: predicted vs measured peak after a few steps ----------------------------------------
+
+PEAK_CHECK_STEP = 2  # optimizer steps before the measurement: the first steps allocate optimizer states and buckets
+PEAK_TOLERANCE = 0.10  # the plan's goal: within 10 % of the measured peak
+
+
+def compare_peak(plan: MemoryPlan, measured: float) -> dict:
+    """The plan's predicted peak next to ``torch.cuda.max_memory_allocated``.
+
+    The allocator's peak counts tensors only, so it is compared with the plan's total less its runtime overhead
+    (CUDA context, fragmentation and communication buffers live outside the allocator's count).
+
+    Returns:
+        ``memory/plan_gib``, ``memory/peak_gib``, ``memory/peak_over_plan`` (measured / predicted) and ``message``.
+    """
+    predicted = plan.total - plan.overhead
+    ratio = measured / predicted if predicted else float("inf")
+    verdict = "within" if abs(ratio - 1) <= PEAK_TOLERANCE else "outside"
+    message = (
+        f"Memory plan vs GPU after step {PEAK_CHECK_STEP}: predicted {predicted / GIB:.2f} GiB, measured peak "
+        f"{measured / GIB:.2f} GiB (torch.cuda.max_memory_allocated), {ratio - 1:+.1%}: {verdict} the plan's "
+        f"{PEAK_TOLERANCE:.0%} goal"
+    )
+    return {
+        "memory/plan_gib": predicted / GIB,
+        "memory/peak_gib": measured / GIB,
+        "memory/peak_over_plan": ratio,
+        "message": message,
+    }
+
+
+class PeakMemoryCheck(Callback):
+    """After ``PEAK_CHECK_STEP`` optimizer steps on a CUDA device, log the plan's predicted peak vs the measured one
+    (metrics ``memory/*``, a log line, and ``<out_dir>/memory_check.json`` on rank 0). Does nothing on a CPU.
+
+    Args:
+        plan: the memory plan the run was checked with (``billa.train.check_memory``).
+        out_dir: where ``memory_check.json`` goes (None: not written).
+        measure: ``device -> peak bytes``; default ``torch.cuda.max_memory_allocated``.
+    """
+
+    def __init__(self, plan: MemoryPlan, out_dir: str | None = None, measure=None):
+        self.plan, self.out_dir, self.measure = plan, out_dir, measure
+        self.result: dict | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.result is not None or trainer.global_step < PEAK_CHECK_STEP:
+            return
+        if self.measure is None and pl_module.device.type != "cuda":
+            return
+        measured = (self.measure or torch.cuda.max_memory_allocated)(pl_module.device)
+        self.result = compare_peak(self.plan, float(measured))
+        if not trainer.is_global_zero:
+            return
+        log.info(self.result["message"])
+        metrics = {k: v for k, v in self.result.items() if k.startswith("memory/")}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.out_dir:
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            Path(self.out_dir, "memory_check.json").write_text(json.dumps(self.result, indent=1))

@@ -25,6 +25,7 @@ from billa.utils.secrets import redact, redact_hydra_files
 log = get_logger(__name__)
 
 LAST = ("report",)  # tasks that read the others' results run after them
+AUTO_BATCH_SIZE = 8  # sequences per forward pass when batch_size is null and hardware.micro_batch_size is auto
 
 
 def build_lm(cfg: DictConfig) -> EvalLM:
@@ -34,6 +35,8 @@ def build_lm(cfg: DictConfig) -> EvalLM:
         raise ConfigError(f"hardware.num_nodes={hw.num_nodes}: evaluation runs on one node (e.g. hardware=8xa100)")
     path = find_export(cfg.get("model_path"), cfg.model.get("pretrained_path"), cfg.exports_glob)
     batch_size = cfg.get("batch_size") or hw.micro_batch_size
+    if batch_size == "auto":  # training chooses it from the memory plan and the global batch; evaluation has neither
+        batch_size = AUTO_BATCH_SIZE
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(
             f"`batch_size` must be a positive integer (or null: hardware.micro_batch_size), got {batch_size!r}"
@@ -71,6 +74,10 @@ def run(cfg: DictConfig) -> dict:
     tasks = dict(cfg.get("task") or {})
     if not tasks:
         raise ConfigError("`task` is empty: choose task=ppl, logiqa2, c3, answers, judge, report or a list [ppl,c3]")
+    if any("lm" in inspect.signature(instantiate(node)).parameters for node in tasks.values()):
+        from billa.distributed.machine import check_machine
+
+        check_machine(cfg)  # a GPU config on a CPU machine stops before the logger and the model load
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     logger = _logger(cfg)

@@ -164,6 +164,10 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict:
         the other evaluation tasks' metrics (``evaluation``).
     """
     setup_logging()
+    if not cfg.prepare_only:  # the machine is checked before the vocabulary step does any work
+        from billa.distributed.machine import check_machine
+
+        check_machine(cfg)
     pipeline = cfg.pipeline
     store = StageStore(pipeline.store_dir)
     group = pipeline.get("group") or default_group(pipeline.name, cfg.output_dir)
