@@ -12,8 +12,8 @@ counts N, so a chunk loop of module calls would issue different numbers of gathe
 makes the whole chunk loop ONE module call whose DeepSpeed hooks gather lm_head's weight (registered as its external
 parameter) once before the forward and once before the backward, whatever N (0 included); the chunks then use the
 gathered weight with ``F.linear``, never the module. Every chunk runs under checkpointing there, even a single one,
-so autograd never saves the parameter tensor itself (DeepSpeed empties it after the forward); the recomputation runs
-after the backward gather.
+so no copy of the gathered weight (the padded copy ``F.linear`` would save) stays alive from the forward to the
+backward; the recomputation runs after the backward gather.
 
 The matmuls run on a copy of lm_head's weight padded with zero rows to a multiple of 64 (46,943 -> 46,976,
 ``aligned_head``): with an odd row count every lm_head matmul has a leading dimension that is not a multiple of 8,
