@@ -74,7 +74,7 @@ def _rank(args: argparse.Namespace) -> dict:
         )
         module.configure_model()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    engine, *_ = deepspeed.initialize(model=module.model, optimizer=optimizer, config=config)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)  # hooks HeadNLL too
     device = torch.device("cuda", args.rank) if cuda else torch.device("cpu")
     g = torch.Generator().manual_seed(args.rank)
     ids = torch.randint(3, VOCAB, (args.batch, args.seq), generator=g).to(device)

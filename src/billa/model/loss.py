@@ -117,7 +117,9 @@ class HeadNLL(nn.Module):
 
             register_external_parameter(self, lm_head.weight)
 
-    def forward(self, lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    def forward(
+        self, lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
         """Cross-entropy (nats) of each row of ``hidden`` (N, H) against ``labels`` (N,): shape (N,).
 
         ``chunk_tokens`` = 0 under ZeRO-3 is the one-piece path through the ``lm_head`` module: the whole (N, V)
@@ -164,5 +166,5 @@ def labelled_token_nll(
     keep = labels != IGNORE_INDEX  # (B, T-1)
     device = head.weight.device  # a model split over GPUs (evaluation's device_map) ends on lm_head's device
     hidden, labels = hidden[:, :-1][keep].to(device), labels[keep].to(device)  # (N, H), (N,)
-    nll = head_nll(head, hidden, labels, chunk_tokens) if head_nll is not None else lm_head_nll(head, hidden, labels, chunk_tokens)
+    nll = (head_nll if head_nll is not None else lm_head_nll)(head, hidden, labels, chunk_tokens)  # (N,)
     return nll, keep.nonzero()[:, 0]
