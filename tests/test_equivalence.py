@@ -4,8 +4,8 @@ Same seed, global batch 16, 8 steps of the tiny model, four ways:
 A: one process, micro batch 16; B: one process, micro 8 x accumulation 2;
 C: ZeRO-3, 2 ranks x micro 8; D: ZeRO-3, 2 ranks x micro 4 x accumulation 2.
 B computes lm_head + loss in chunks of 64 label tokens (``loss_chunk_tokens``; a micro batch of 8 holds ~800), so
-the matrix also checks the chunked, checkpointed loss; C asks for it too, which ZeRO-3 must ignore (one piece: ranks
-with different chunk counts would issue different numbers of parameter gathers and deadlock).
+the matrix also checks the chunked, checkpointed loss; C runs it under ZeRO-3 (``HeadNLL``: one gather of lm_head per
+pass, whatever each rank's chunk count).
 Every micro batch of B, C and D is a slice of A's batch, the loss is a token mean over the whole step and the
 gradient is that loss's, so per-step losses, gradient norms, validation metrics and final weights agree up to fp32
 summation order. Tolerances are measured values x ~10: losses 1e-7 relative (measured <= 2e-7 -> 2e-6), gradient
@@ -38,7 +38,7 @@ def runs(tmp_path_factory, cache_dir, sample_tokenizer_dir, zero3_accumulation_r
     out = {r: tmp_path_factory.mktemp(f"equivalence-{r}") for r in "ABC"}
     train_in_process(out["A"], cache_dir)
     train_in_process(out["B"], cache_dir, "hardware.micro_batch_size=8", "loss_chunk_tokens=64")
-    train_cli(out["C"], cache_dir, *ZERO3, "hardware.micro_batch_size=8", "loss_chunk_tokens=64")  # one piece
+    train_cli(out["C"], cache_dir, *ZERO3, "hardware.micro_batch_size=8", "loss_chunk_tokens=64")  # chunked under ZeRO-3
     out["D"] = zero3_accumulation_run
     return out
 

@@ -16,7 +16,7 @@ from billa.config import ConfigError, check_compile
 from billa.data.packing import feed_packed, packed_layout
 from billa.distributed.memory import partition_report, track_materialised
 from billa.model.builders import add_residual_dropout, build_causal_lm, compile_decoder_layers
-from billa.model.loss import labelled_token_nll
+from billa.model.loss import HeadNLL, labelled_token_nll
 
 LOSS_NORMALIZATIONS = ("step_token_mean", "rank_token_mean")
 
@@ -67,6 +67,7 @@ class BillaLM(L.LightningModule):
             )
         self.save_hyperparameters(logger=False)  # loggers get the whole config from build_logger, redacted
         self.model = None
+        self.head_nll = HeadNLL()  # lm_head + loss as one module call: one ZeRO-3 gather per pass (billa.model.loss)
         self.val_loss_start: float | None = None
         self.build_report: dict | None = None  # what this rank held right after building (PartitionReport)
         self._step_sums: torch.Tensor | None = None  # (NLL sum, label tokens, objective) of the optimizer step
@@ -82,6 +83,7 @@ class BillaLM(L.LightningModule):
         with self._zero3_pretrained_loading(path), track_materialised() as peak:
             self.model = build_causal_lm(spec["architecture"], self.hparams.vocab_size, path, key)
         self.build_report = {**partition_report(self.model), "peak_materialised_numel": peak.numel}
+        self.head_nll.share(self.model.get_output_embeddings())
         add_residual_dropout(self.model, float(spec.get("residual_dropout") or 0.0))
         self.model.train()  # from_pretrained returns eval mode
         if self.hparams.gradient_checkpointing:
@@ -125,9 +127,7 @@ class BillaLM(L.LightningModule):
         impl = getattr(self.model.config, "_attn_implementation", None)
         batch = feed_packed(batch, packed_layout(batch["input_ids"].device.type, impl))  # GPU: no T x T mask
         chunk = self.hparams.get("loss_chunk_tokens", 2048)
-        if hasattr(self.model.lm_head.weight, "ds_id"):  # ZeRO-3: every lm_head call is a collective gather, and
-            chunk = 0  # ranks hold different label counts, so different chunk counts would deadlock: one piece
-        return labelled_token_nll(self.model, batch, chunk)
+        return labelled_token_nll(self.model, batch, chunk, self.head_nll)  # ZeRO-3: one gather per pass, any chunks
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the label tokens of the batch (labels -100 carry no loss); 0 without targets.
