@@ -199,7 +199,22 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "pipeline.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        _log_sync_command(out)
     return result
+
+
+def _log_sync_command(out: Path) -> None:
+    """Where stages logged to W&B offline: the one ``wandb sync`` command for them (a sweep prints its own, once)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from billa.utils.loggers import pipeline_run_dirs, sync_command
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return  # billa.utils.loggers.SyncCommandCallback prints one command for the whole sweep
+    command = sync_command(pipeline_run_dirs(out))
+    if command:
+        log.info("Offline W&B runs of this pipeline; upload them (after `wandb login`) with:\n  %s", command)
 
 
 def evaluate_final(model_dir: str, tasks: list[str], cfg: DictConfig, stage_overrides: list[str], group: str) -> dict:
@@ -225,6 +240,8 @@ def evaluate_final(model_dir: str, tasks: list[str], cfg: DictConfig, stage_over
             eval_cfg.task.val_loss.overrides = stage_overrides
         if eval_cfg.get("logger") and "group" in eval_cfg.logger:
             eval_cfg.logger.group = group
+            if "run" in eval_cfg.logger:  # named and tagged with the variant it evaluates
+                eval_cfg.logger.run.variant = cfg.pipeline.name
     summary = evaluate(eval_cfg)
     out: dict = {}
     if "val_loss" in tasks:
