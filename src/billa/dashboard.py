@@ -301,17 +301,33 @@ def main(argv: list[str]) -> str:
 # --- the offline runs' data: history read from the run files, and a picture of the view drawn from it -----------------
 
 
+_BLOCK, _HEADER = 32768, 7  # the .wandb file: LevelDB log blocks; a record header is crc32 (4), length (2), type (1)
+
+
+def _records(path: Path) -> Iterable[bytes]:
+    """The records of a ``.wandb`` transaction log (a 7-byte file header, then LevelDB-log blocks)."""
+    data, pos, chunks = path.read_bytes(), 7, []
+    while pos + _HEADER <= len(data):
+        if _BLOCK - pos % _BLOCK < _HEADER:  # block trailer too short for a header: padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + _HEADER : pos + _HEADER + length], pos + _HEADER + length
+        if kind == 0:  # zero fill at the end of a block
+            continue
+        chunks.append(chunk)
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            yield b"".join(chunks)
+            chunks = []
+
+
 def read_history(run_dir: str | Path) -> tuple[str, list[dict]]:
     """The run name and the logged rows (``{key: value}``, ``_step`` included) of one offline W&B run directory."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
-    files = sorted(Path(run_dir).glob("*.wandb"))
     name, rows = Path(run_dir).name, []
-    for path in files:
-        store = datastore.DataStore()
-        store.open_for_scan(str(path))
-        while (data := store.scan_data()) is not None:
+    for path in sorted(Path(run_dir).glob("*.wandb")):
+        for data in _records(path):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
             kind = record.WhichOneof("record_type")

@@ -114,7 +114,8 @@ def wandb_logger(
         tags = [*identity.tags, *(tags or [])]
     mode = os.environ.get("WANDB_MODE") or mode or ("online" if wandb_configured() else "offline")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb/.cache"), ("WANDB_CONFIG_DIR", "wandb/.config")):
+    # W&B's run files go to save_dir (WandbLogger passes it as wandb.init's dir: each stage of a pipeline its own)
+    for var, sub in (("WANDB_CACHE_DIR", "wandb/.cache"), ("WANDB_CONFIG_DIR", "wandb/.config")):
         os.environ.setdefault(var, str(Path(save_dir) / sub))
     log.info("W&B logger: project=%s name=%s mode=%s", project, name, mode)
     return WandbLogger(project=project, name=name, save_dir=save_dir, mode=mode, tags=tags, **kwargs)
