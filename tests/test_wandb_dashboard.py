@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
-from billa.dashboard import build_spec, data_sources, eval_subsets, logged_keys, panel_keys, read_histories, to_workspace
+from billa.dashboard import (
+    build_spec,
+    data_sources,
+    eval_subsets,
+    logged_keys,
+    panel_keys,
+    read_histories,
+    to_workspace,
+)
 from billa.utils.loggers import pipeline_run_dirs, run_identity, sync_command
 
 from .conftest import ROOT

@@ -84,8 +84,10 @@ def build_spec(
             "name": "Loss by source kind",
             "panels": [_line("All sources: train and validation loss", ["train/loss", "val/loss"])]
             + [
-                _line(f"{KIND_LABELS.get(kind, kind)}: train loss and validation loss per source",
-                      ["train/loss", *[f"val/loss/{name}" for name in by_kind[kind]]])  # fmt: skip
+                _line(
+                    f"{KIND_LABELS.get(kind, kind)}: train loss and validation loss per source",
+                    ["train/loss", *[f"val/loss/{name}" for name in by_kind[kind]]],
+                )  # fmt: skip
                 for kind in kinds
             ],
         },
@@ -104,8 +106,10 @@ def build_spec(
                 _line("Tokens per second per device", ["train/tokens_per_s_per_device"]),
                 _line("Model FLOPs utilisation", ["train/mfu"]),
                 _line("TFLOP/s per device", ["train/tflops_per_device"]),
-                _line("Step time: data wait, forward-backward, optimizer (s)",
-                      ["train/step_time/data", "train/step_time/compute", "train/step_time/optimizer"]),  # fmt: skip
+                _line(
+                    "Step time: data wait, forward-backward, optimizer (s)",
+                    ["train/step_time/data", "train/step_time/compute", "train/step_time/optimizer"],
+                ),  # fmt: skip
                 _line("GPU memory, max allocated (GB)", ["train/gpu_mem_gb"]),
                 _line("Learning rate", ["train/lr"]),
                 _line("Gradient norm", ["train/grad_norm"]),
@@ -115,8 +119,10 @@ def build_spec(
             "name": "Validation bits per character per language",
             "panels": [
                 _line("Bits/char per LM source (during training)", [f"val/bpc/{n}" for n in by_kind.get("text", [])]),
-                _bar("Bits/char per language, evaluate.py task=ppl",
-                     [f"ppl/{lang}/{EVAL_HEADLINES['ppl']}" for lang in eval_subsets.get("ppl", [])]),  # fmt: skip
+                _bar(
+                    "Bits/char per language, evaluate.py task=ppl",
+                    [f"ppl/{lang}/{EVAL_HEADLINES['ppl']}" for lang in eval_subsets.get("ppl", [])],
+                ),  # fmt: skip
             ],
         },
     ]
@@ -148,8 +154,10 @@ def _ablation_section(kinds: list[str], eval_subsets: Mapping[str, Iterable[str]
     return {
         "name": "Ablation: variants side by side",
         "panels": [
-            _bar("Final validation loss per source kind (evaluate.py task=val_loss)",
-                 [f"val_loss/kind/{kind}/loss" for kind in kinds] + ["val_loss/loss"]),  # fmt: skip
+            _bar(
+                "Final validation loss per source kind (evaluate.py task=val_loss)",
+                [f"val_loss/kind/{kind}/loss" for kind in kinds] + ["val_loss/loss"],
+            ),  # fmt: skip
             _bar("evaluate.py headline metrics per variant", eval_keys),
             {"type": "runs", "title": "Variants: config and final metrics, differences only", "keys": []},
             {"type": "markdown", "title": "Stages per variant: trained and reused", "keys": [], "text": stages},
@@ -394,7 +402,9 @@ def render(spec: Mapping, histories: Mapping[str, list[dict]], path: str | Path,
 def _series(histories: Mapping[str, list[dict]], key: str) -> dict[str, tuple[list, list]]:
     out = {}
     for run, rows in histories.items():
-        points = [(row.get("_step", i), row[key]) for i, row in enumerate(rows) if isinstance(row.get(key), int | float)]
+        points = [
+            (row.get("_step", i), row[key]) for i, row in enumerate(rows) if isinstance(row.get(key), int | float)
+        ]
         if points:
             out[run] = ([s for s, _ in points], [v for _, v in points])
     return out
