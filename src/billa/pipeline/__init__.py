@@ -44,7 +44,9 @@ def command_line_overrides() -> list[str]:
     return _select(list(HydraConfig.get().overrides.task), lambda key: key not in _PIPELINE_GROUPS)
 
 
-def _pipeline_values(cfg: DictConfig, overrides: list[str], init_from: str | None, group: str) -> dict:
+def _pipeline_values(
+    cfg: DictConfig, overrides: list[str], init_from: str | None, group: str, variant: str | None = None
+) -> dict:
     """What the pipeline sets in every stage config, in one place: start weights, resume, W&B group, card command."""
     start = f" init_from={init_from}" if init_from else ""
     values: dict = {"init_from": init_from, "resume": "auto"}  # a half-finished stage continues where it stopped
@@ -52,17 +54,19 @@ def _pipeline_values(cfg: DictConfig, overrides: list[str], init_from: str | Non
         values["export"] = {"card": {"command": f"python train.py {' '.join(overrides)}{start}"}}
     if cfg.get("logger") and "group" in cfg.logger:
         values["logger"] = {"group": group}  # every stage and every variant of a sweep in one W&B group
+        if "run" in cfg.logger:  # the run's name and tags carry the variant (billa.utils.loggers.run_identity)
+            values["logger"]["run"] = {"variant": variant}
     return values
 
 
 def stage_config(
-    step: DictConfig, base_overrides: list[str], init_from: str | None, group: str
+    step: DictConfig, base_overrides: list[str], init_from: str | None, group: str, variant: str | None = None
 ) -> tuple[DictConfig, list[str]]:
     """One step's config, ``train.yaml`` + overrides + ``stage=<step.stage>`` + the step's own, and that list."""
     overrides = [*base_overrides, f"stage={step.stage}", *list(step.get("overrides") or [])]
     cfg = compose("train", overrides)
     with open_dict(cfg):
-        cfg.merge_with(_pipeline_values(cfg, overrides, init_from, group))
+        cfg.merge_with(_pipeline_values(cfg, overrides, init_from, group, variant))
     return cfg, overrides
 
 
@@ -83,6 +87,7 @@ def run_step(step: DictConfig, cfg: DictConfig, parent_key: str | None, store: S
         cfg.output_dir = str(stage_dir.path)
     start = time.time()
     result = train_stage(cfg)
+    _finish_wandb_run()
     summary = {
         "step": step.name,
         "stage": step.stage,
@@ -104,6 +109,15 @@ def run_step(step: DictConfig, cfg: DictConfig, parent_key: str | None, store: S
     elif _is_global_zero():
         stage_dir.finish(summary)
     return {**summary, "reused": False}
+
+
+def _finish_wandb_run() -> None:
+    """End the step's W&B run: Lightning's ``WandbLogger`` reuses a run still open, so without this every later
+    stage and the evaluation would log into the first stage's run."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 def _is_global_zero() -> bool:
@@ -179,7 +193,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict:
     steps, init_from, parent_key, last_overrides = [vocab], cfg.get("init_from"), None, base_overrides
     status = "done"
     for step in pipeline.steps:
-        stage_cfg, last_overrides = stage_config(step, base_overrides, init_from, group)
+        stage_cfg, last_overrides = stage_config(step, base_overrides, init_from, group, pipeline.name)
         summary = run_step(step, stage_cfg, parent_key, store)
         steps.append(summary)
         if not summary.get("finished", True):
@@ -203,7 +217,22 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "pipeline.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        _log_sync_command(out)
     return result
+
+
+def _log_sync_command(out: Path) -> None:
+    """Where stages logged to W&B offline: the one ``wandb sync`` command for them (a sweep prints its own, once)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from billa.utils.loggers import pipeline_run_dirs, sync_command
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return  # billa.utils.loggers.SyncCommandCallback prints one command for the whole sweep
+    command = sync_command(pipeline_run_dirs(out))
+    if command:
+        log.info("Offline W&B runs of this pipeline; upload them (after `wandb login`) with:\n  %s", command)
 
 
 def evaluate_final(model_dir: str, tasks: list[str], cfg: DictConfig, stage_overrides: list[str], group: str) -> dict:
@@ -229,7 +258,10 @@ def evaluate_final(model_dir: str, tasks: list[str], cfg: DictConfig, stage_over
             eval_cfg.task.val_loss.overrides = stage_overrides
         if eval_cfg.get("logger") and "group" in eval_cfg.logger:
             eval_cfg.logger.group = group
+            if "run" in eval_cfg.logger:  # named and tagged with the variant it evaluates
+                eval_cfg.logger.run.variant = cfg.pipeline.name
     summary = evaluate(eval_cfg)
+    _finish_wandb_run()
     out: dict = {}
     if "val_loss" in tasks:
         out["validation"] = json.loads((Path(summary["output_dir"]) / "val_loss.json").read_text())["details"]
