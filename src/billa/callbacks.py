@@ -117,7 +117,7 @@ class StepTimes(L.Callback):
     - ``train/step_time/data``: waiting for the next micro batch, from the end of one micro batch to the start of the
       next (the data loader, moving the batch to the device, and a checkpoint saved at that step). Time spent in
       validation is left out.
-    - ``train/step_time/compute``: forward and backward of every micro batch of the step (to ``on_before_optimizer_step``).
+    - ``train/step_time/compute``: forward and backward of the step's micro batches (to ``on_before_optimizer_step``).
     - ``train/step_time/optimizer``: gradient norm, clipping and the optimizer step (under DeepSpeed its ``step``).
 
     The three add up to the step's wall time outside validation. On CPU the marks are host clock readings. On CUDA they
@@ -173,9 +173,8 @@ class StepTimes(L.Callback):
         totals = dict.fromkeys(self.KINDS, 0.0)
         for kind, start, stop in self._intervals:
             totals[kind] += self._seconds(start, stop)
-        pl_module.log_dict(
-            {f"train/step_time/{kind}": seconds / steps for kind, seconds in totals.items()}, on_step=True, on_epoch=False
-        )
+        per_step = {f"train/step_time/{kind}": seconds / steps for kind, seconds in totals.items()}
+        pl_module.log_dict(per_step, on_step=True, on_epoch=False)
         self._intervals, self._last_step = [], trainer.global_step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
