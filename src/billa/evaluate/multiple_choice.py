@@ -216,6 +216,7 @@ def multiple_choice(
     for subset, path in files.items():
         items = load_items(path, dataset, f"{task}.files.{subset}", max_items)
         per_item = [{"id": it.id, "where": it.where, "answer": LETTERS[it.answer]} for it in items]
+        metrics[f"{subset}/items"] = len(items)  # how finely its accuracy resolves (billa.compare flags small sets)
         if "generative" in protocols:
             instruction = _pick(gen["instruction"], subset, f"{task}.generative_settings.instruction")
             answers = generative(
