@@ -299,9 +299,8 @@ def test_every_verdict_goes_to_wandb_as_a_table(openai_server, key_env, tmp_path
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     openai_server.respond = scripted_judge
-    result = judge(
-        _client(openai_server, tmp_path / "cache.jsonl"), _write_answers(tmp_path), str(tmp_path / "out"), **_reviewers()
-    )
+    client = _client(openai_server, tmp_path / "cache.jsonl")
+    result = judge(client, _write_answers(tmp_path), str(tmp_path / "out"), **_reviewers())
     logger = wandb_logger("billa", "judge-test", str(tmp_path / "logs"))
     log_result(logger, "judge", result)
     logger.experiment.finish()
