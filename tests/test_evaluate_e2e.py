@@ -73,6 +73,9 @@ def test_default_tasks_write_json_markdown_and_log_wandb_tables(exports, cache_d
     assert {"d/loglik/acc", "m/generative/unparsed"} <= metrics["c3"].keys()
     tables = {p.parent.name for p in (out / "wandb").rglob("*.table.json")}  # files/media/table/<task>/<name>_*
     assert {"ppl", "logiqa2", "c3"} <= tables
+    items = json.loads(next((out / "wandb").rglob("c3/items_*.table.json")).read_text())  # per-item predictions
+    assert len(items["data"]) == sum(metrics["c3"][f"{subset}/items"] for subset in ("d", "m"))
+    assert {"id", "answer", "generative_pred", "loglik_pred"} <= set(items["columns"])
 
 
 def test_report_compares_two_runs_in_a_png(exports, cache_dir, tmp_path):

@@ -289,3 +289,27 @@ def test_judge_md_names_the_models_and_shows_the_position_bias(openai_server, ke
     assert "| verdict flips | position bias | flagged |" in header_row
     assert "| A | model-A | " in markdown and "| B | model-B | " in markdown and "| judge | gpt-4 | http://" in markdown
     assert "models: A = model-A, B = model-B; judge: gpt-4 at http://127.0.0.1:" in markdown
+
+
+def test_every_verdict_goes_to_wandb_as_a_table(openai_server, key_env, tmp_path, monkeypatch):
+    """Catches: judge verdicts kept only in judge_reviews.jsonl (no per-review W&B table), or the table's scores left
+    in shown order for ``ba`` reviews (B's score under A)."""
+    from billa.evaluate.results import log_result
+    from billa.utils.loggers import wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    openai_server.respond = scripted_judge
+    client = _client(openai_server, tmp_path / "cache.jsonl")
+    result = judge(client, _write_answers(tmp_path), str(tmp_path / "out"), **_reviewers())
+    logger = wandb_logger("billa", "judge-test", str(tmp_path / "logs"))
+    log_result(logger, "judge", result)
+    logger.experiment.finish()
+    files = list((tmp_path / "logs" / "wandb").rglob("judge/verdicts_*.table.json"))
+    assert len(files) == 1
+    table = json.loads(files[0].read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert len(rows) == 2 * len(BASE)  # every question in both orders
+    for row in rows:
+        _, a, b = BASE[row["question_id"]]
+        bonus_a, bonus_b = (BONUS, 0) if row["order"] == "ab" else (0, BONUS)
+        assert (row["score_a"], row["score_b"]) == (a + bonus_a, b + bonus_b)

@@ -219,3 +219,42 @@ def test_chat_prompts_are_the_sft_objective_prefixes(first, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     expected = Chat(export, max_new_tokens=4, do_sample=False).answer("What is 3 + 4?")  # greedy: deterministic
     assert rows == [{"question": "What is 3 + 4?", "answer": expected}]
+
+
+@pytest.mark.slow
+def test_seed_sweep_trains_stage_1_once_per_seed_and_reports_mean_and_std(tmp_path, cache_dir, sample_tokenizer_dir):
+    """The ablation a reader can trust: 2 variants x 2 seeds. Catches: a stage key without the seed (seed 2 reusing
+    seed 1's stage 1), variants of one seed not sharing their stage 1, or seeds listed as separate variants."""
+    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "pipeline=three_stage,merge_2_3",
+            "seed=1,2",
+            *QUICK,
+            f"pipeline.store_dir={tmp_path / 'stages'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    stage_dirs = sorted(p.name.split("-")[0] for p in (tmp_path / "stages").iterdir() if p.is_dir())
+    assert stage_dirs.count("stage1") == 2  # once per seed, not once per sweep point (4) or once in all (1)
+    comparison = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
+    runs = {(v["pipeline"], v["seed"]): v for v in comparison["variants"]}
+    assert set(runs) == {("three_stage", 1), ("three_stage", 2), ("merge_2_3", 1), ("merge_2_3", 2)}
+    assert runs["three_stage", 1]["reused"] == runs["three_stage", 2]["reused"] == []  # Hydra runs three_stage first
+    assert runs["merge_2_3", 1]["reused"] == runs["merge_2_3", 2]["reused"] == ["stage1"]  # its seed's stage 1
+    assert list(comparison["summary"]) == ["three_stage", "merge_2_3"]  # seeds folded into their variant
+    for column, stats in comparison["summary"]["merge_2_3"].items():
+        assert stats["n"] == 2 and stats["std"] >= 0 and isinstance(stats["within_seed_spread"], bool), column
+    assert comparison["seed_spread"]["validation/all"] > 0  # two seeds train differently
+    table = (tmp_path / "sweep" / "comparison.md").read_text()
+    assert "| three_stage | pretrain -> task_mix -> sft | 1, 2 |" in table and " ± " in table
+    assert "not told apart by these seeds" in table  # the legend of the ~ mark

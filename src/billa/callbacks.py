@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from billa.distributed.memory import partition_report
@@ -22,14 +23,17 @@ def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: i
 
 
 class Throughput(L.Callback):
-    """Logs ``train/tokens_per_s``, ``train/tokens_per_s_per_device``, ``train/mfu`` and per-source accounting.
+    """Logs ``train/tokens_per_s``, ``train/tokens_per_s_per_device``, ``train/tflops_per_device``, ``train/mfu``
+    and per-source accounting.
 
     ``train/tokens/<source>`` and ``train/samples/<source>`` count what every rank consumed since the run (re)started;
-    ``train/mix/<source>`` is the realised share of samples, so a chart shows that stage 2 really is 1:1.
+    ``train/mix/<source>`` is the realised share of samples, so a chart shows that stage 2 really is 1:1, and
+    ``train/mix_error/<source>`` that share minus the configured one (``data.mix``'s weight over their sum).
 
     Tokens are the non-padding input tokens of this rank's batches; the rate is measured over the optimizer steps
     between two logging points, so data loading and the optimizer step are included. MFU = achieved model FLOPs /
     the device's peak (``hardware.peak_tflops``); activation recomputation is not counted as useful work.
+    ``train/tflops_per_device`` is the same achieved model FLOP rate in TFLOP/s, logged without a peak too.
     """
 
     def __init__(
@@ -58,8 +62,7 @@ class Throughput(L.Callback):
             return
         per_device = self._tokens / (time.perf_counter() - self._start)
         metrics = {"train/tokens_per_s_per_device": per_device, "train/tokens_per_s": per_device * trainer.world_size}
-        if self.flops_per_token and self.peak_flops:
-            metrics["train/mfu"] = per_device * self.flops_per_token / self.peak_flops
+        metrics.update(model_flops(per_device, self.flops_per_token, self.peak_flops))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         # Every source of the mix on every rank, 0 where this rank drew none: each key is a collective (sync_dist),
         # and a rank that saw fewer sources (stage 3's 12-sample cycle in blocks of 2 per rank: some ranks never
@@ -77,8 +80,109 @@ class Throughput(L.Callback):
             sums = {k: v for k, v in per_source.items() if not k.startswith("train/mix/")}
             pl_module.log_dict(sums, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
             ratios = {k: v for k, v in per_source.items() if k.startswith("train/mix/")}
+            ratios.update(mix_error(ratios, mix))
             pl_module.log_dict(ratios, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="mean")
         self._tokens, self._start, self._last_step = 0, time.perf_counter(), trainer.global_step
+
+
+def model_flops(tokens_per_s_per_device: float, flops_per_token: float | None, peak_flops: float | None) -> dict:
+    """``train/tflops_per_device`` (achieved model FLOP/s / 1e12) and, with a device peak, ``train/mfu``."""
+    if not flops_per_token:
+        return {}
+    achieved = tokens_per_s_per_device * flops_per_token  # FLOP/s on one device
+    metrics = {"train/tflops_per_device": achieved / 1e12}
+    if peak_flops:
+        metrics["train/mfu"] = achieved / peak_flops
+    return metrics
+
+
+def mix_error(realised: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
+    """``train/mix_error/<source>``: the realised share (``train/mix/<source>``) minus ``weight / sum(weights)``.
+
+    The realised share counts every sample since the run (re)started, so under ``round_robin`` the error shrinks
+    towards 0 as whole mix cycles complete; a source the loader starves shows a steady negative error.
+    """
+    total = sum(weights.values())
+    if not total:
+        return {}
+    return {
+        f"train/mix_error/{source}": realised.get(f"train/mix/{source}", 0.0) - weights.get(source, 0) / total
+        for source in sorted(set(weights) | {k.removeprefix("train/mix/") for k in realised})
+    }
+
+
+class StepTimes(L.Callback):
+    """Logs where an optimizer step's time goes, averaged per optimizer step between two logging points.
+
+    - ``train/step_time/data``: waiting for the next micro batch, from the end of one micro batch to the start of the
+      next (the data loader, moving the batch to the device, and a checkpoint saved at that step). Time spent in
+      validation is left out.
+    - ``train/step_time/compute``: forward and backward of the step's micro batches (to ``on_before_optimizer_step``).
+    - ``train/step_time/optimizer``: gradient norm, clipping and the optimizer step (under DeepSpeed its ``step``).
+
+    The three add up to the step's wall time outside validation. On CPU the marks are host clock readings. On CUDA they
+    are CUDA events recorded on the current stream, read (one synchronisation) only at logging steps, so they measure
+    the device's timeline without slowing the step: ``data`` is then the time the device sat idle waiting for a batch.
+    """
+
+    KINDS = ("data", "compute", "optimizer")
+
+    def __init__(self, log_every_n_steps: int = 10):
+        self.log_every_n_steps = max(1, log_every_n_steps)
+        self._intervals: list[tuple[str, object, object]] = []  # (kind, start mark, end mark)
+        self._batch_start = self._optimizer_start = self._last_end = None
+        self._last_step: int | None = None
+        self._cuda = False
+
+    def _mark(self):
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1000 if self._cuda else end - start  # CUDA events measure milliseconds
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._cuda = pl_module.device.type == "cuda"
+        self._last_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._batch_start = self._mark()
+        if self._last_end is not None:
+            self._intervals.append(("data", self._last_end, self._batch_start))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self._batch_start is not None:
+            self._optimizer_start = self._mark()
+            self._intervals.append(("compute", self._batch_start, self._optimizer_start))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        end = self._mark()
+        if self._optimizer_start is not None:
+            self._intervals.append(("optimizer", self._optimizer_start, end))
+        else:  # a micro batch that only accumulates gradients
+            self._intervals.append(("compute", self._batch_start, end))
+        self._optimizer_start, self._last_end = None, end
+        steps = trainer.global_step - self._last_step
+        if steps < self.log_every_n_steps:
+            return
+        if self._cuda:
+            end.synchronize()  # once per logging step: every event recorded so far has happened
+        totals = dict.fromkeys(self.KINDS, 0.0)
+        for kind, start, stop in self._intervals:
+            totals[kind] += self._seconds(start, stop)
+        per_step = {f"train/step_time/{kind}": seconds / steps for kind, seconds in totals.items()}
+        pl_module.log_dict(per_step, on_step=True, on_epoch=False)
+        self._intervals, self._last_step = [], trainer.global_step
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_end = None  # validation inside training is not a data wait
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._batch_start is not None:  # after the first training batch (not the step-0 validation)
+            self._last_end = self._mark()
 
 
 class PartitionReport(L.Callback):

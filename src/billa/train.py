@@ -16,6 +16,7 @@ from billa.callbacks import (
     PartitionReport,
     RedactCheckpointHparams,
     StepCheckpoint,
+    StepTimes,
     StopAtStep,
     Throughput,
     flops_per_token,
@@ -161,8 +162,14 @@ def check_memory(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_s
 
 
 def build_logger(cfg: DictConfig):
+    """The ``logger:`` group's logger; ``logger=none`` still writes ``<output_dir>/csv/version_N/metrics.csv``.
+
+    Every figure a run logs is then in the run directory with or without an experiment tracker.
+    """
     if not cfg.get("logger"):
-        return False
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=cfg.output_dir, name="csv")  # the file logger=csv writes, nothing else
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))  # no API key ever reaches W&B
     return logger
@@ -179,6 +186,7 @@ def build_trainer(
     fpt = flops_per_token(n_params, arch.num_hidden_layers, arch.hidden_size, max_seq_length)
     callbacks = [
         Throughput(cfg.trainer.log_every_n_steps, fpt, hw.get("peak_tflops")),
+        StepTimes(cfg.trainer.log_every_n_steps),
         PartitionReport(str(Path(cfg.output_dir) / "partition")),
         RedactCheckpointHparams(),
         StepCheckpoint(

@@ -25,7 +25,7 @@ from pathlib import Path
 from billa.data.readers import DataFormatError
 from billa.evaluate.answers import category_name, load_questions, records_by_question_id
 from billa.evaluate.multiple_choice import resolve_path
-from billa.evaluate.results import Table, TaskResult
+from billa.evaluate.results import Table, TaskResult, item_table
 from billa.openai_client import ChatClient, ChatFailed, ContentRejected, UnparsableResponse
 from billa.utils.logging import get_logger
 from billa.utils.secrets import redact_text
@@ -228,6 +228,10 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+# The per-review W&B table (scores are A's and B's whichever order they were shown in)
+VERDICT_COLUMNS = ("question_id", "category", "order", "reviewer", "status", "score_a", "score_b", "text")
+
+
 def summarise(records: list[dict], labels: list[str]) -> TaskResult:
     """Per category: each model's mean per order and over both, verdict flips; then micro and macro averages."""
     ok = [r for r in records if r["status"] == "ok"]
@@ -289,7 +293,15 @@ def summarise(records: list[dict], labels: list[str]) -> TaskResult:
             len(flagged),
             [(r["question_id"], r["order"], r["status"]) for r in flagged[:10]],
         )
-    return TaskResult(metrics=metrics, tables={"pairwise": Table(columns, rows)}, details=details)
+    verdicts = [
+        {**r, "score_a": (r.get("scores") or {}).get("a"), "score_b": (r.get("scores") or {}).get("b")} for r in records
+    ]
+    return TaskResult(
+        metrics=metrics,
+        tables={"pairwise": Table(columns, rows)},
+        item_tables={"verdicts": item_table(verdicts, list(VERDICT_COLUMNS))},  # every review, both orders
+        details=details,
+    )
 
 
 def _category_stats(ok: list[dict]) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 
 from billa.data.readers import DataFormatError, expand_paths, raw_records
 from billa.evaluate.lm import EvalLM
-from billa.evaluate.results import Table, TaskResult
+from billa.evaluate.results import Table, TaskResult, item_table
 from billa.templates import dialogue_prompt
 from billa.utils.logging import get_logger
 
@@ -185,6 +185,10 @@ def _pick(value: str | Mapping[str, str], subset: str, key: str) -> str:
     return value[subset]
 
 
+# The per-item W&B table: the item, the gold answer and each protocol's prediction (and the generated text)
+ITEM_COLUMNS = ("subset", "id", "where", "answer", "generative_pred", "generated", "loglik_pred", "loglik_pred_norm")
+
+
 def multiple_choice(
     lm: EvalLM,
     dataset: str,
@@ -216,6 +220,7 @@ def multiple_choice(
     for subset, path in files.items():
         items = load_items(path, dataset, f"{task}.files.{subset}", max_items)
         per_item = [{"id": it.id, "where": it.where, "answer": LETTERS[it.answer]} for it in items]
+        metrics[f"{subset}/items"] = len(items)  # how finely its accuracy resolves (billa.compare flags small sets)
         if "generative" in protocols:
             instruction = _pick(gen["instruction"], subset, f"{task}.generative_settings.instruction")
             answers = generative(
@@ -247,4 +252,9 @@ def multiple_choice(
                 record.update(loglik=lls, loglik_pred=LETTERS[pred], loglik_pred_norm=LETTERS[pred_norm])
         details.extend({"subset": subset, **r} for r in per_item)
     table = Table(["subset", "protocol", "metric", "items", "value", "unparsed"], rows)
-    return TaskResult(metrics=metrics, tables={"accuracy": table}, details={"items": details})
+    return TaskResult(
+        metrics=metrics,
+        tables={"accuracy": table},
+        item_tables={"items": item_table(details, [c for c in ITEM_COLUMNS if any(c in d for d in details)])},
+        details={"items": details},
+    )

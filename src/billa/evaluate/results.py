@@ -39,12 +39,15 @@ class TaskResult:
     Attributes:
         metrics: flat scalar metrics, logged as ``<task>/<key>`` (e.g. ``ppl/zh/ppl``).
         tables: named tables, written to markdown and logged as W&B tables.
+        item_tables: per-item tables (each question's prediction, each judge verdict): logged as W&B tables beside
+            the run's metrics, not written to markdown (``details`` keeps the same items in the JSON).
         details: anything else worth keeping in the JSON (per-item predictions, settings, files read).
         files: other files the task wrote (answer files, charts).
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
     tables: dict[str, Table] = field(default_factory=dict)
+    item_tables: dict[str, Table] = field(default_factory=dict)
     details: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
 
@@ -76,8 +79,13 @@ def log_result(logger, task: str, result: TaskResult) -> None:
     if metrics:
         logger.log_metrics(metrics)
     if hasattr(logger, "log_table"):
-        for name, table in result.tables.items():
+        for name, table in {**result.tables, **result.item_tables}.items():
             logger.log_table(key=f"{task}/{name}", columns=table.columns, data=_typed_rows(table))
+
+
+def item_table(items: list[dict], columns: list[str]) -> Table:
+    """A per-item table of ``columns`` from item dictionaries (a missing field is an empty cell)."""
+    return Table(columns, [[item.get(c) for c in columns] for item in items])
 
 
 def _typed_rows(table: Table) -> list[list]:

@@ -204,6 +204,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict:
     result = {
         "pipeline": pipeline.name,
         "status": status,
+        "seed": cfg.seed,  # a sweep dimension: billa.compare summarises a variant's seeds as mean +- std
         "group": group,
         "overrides": list(overrides),
         "steps": steps,
