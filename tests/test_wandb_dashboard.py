@@ -70,14 +70,14 @@ def test_every_panel_key_is_in_the_history_of_a_real_offline_pipeline(tmp_path, 
     quick = ["trainer.max_steps=2", "val_every_n_steps=2", "checkpoint.every_n_steps=2", "scheduler.warmup_steps=1",
              "data.val_max_records=4", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "train.py", "pipeline=three_stage", "logger=wandb", *quick, "pipeline.evaluate_tasks=[ppl]",
-         f"pipeline.store_dir={tmp_path / 'stages'}", f"hydra.run.dir={tmp_path / 'run'}"],  # fmt: skip
+        [sys.executable, "train.py", "pipeline=three_stage", "logger=wandb", *quick,
+         "pipeline.evaluate_tasks=[ppl,logiqa2,c3]", f"pipeline.store_dir={tmp_path / 'stages'}", f"hydra.run.dir={tmp_path / 'run'}"],  # fmt: skip
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     histories = read_histories(pipeline_run_dirs(tmp_path / "run"))
     assert set(histories) == {f"{s}-tiny-three_stage" for s in ("pretrain", "task_mix", "sft", "eval")}
-    spec = build_spec(data_sources(), {"ppl": eval_subsets()["ppl"]}, group="g")
+    spec = build_spec(data_sources(), eval_subsets(), group="g")  # the sweep view: the ablation section too
     missing = panel_keys(spec) - logged_keys(histories) - set(spec["conditional_keys"])
     assert not missing, sorted(missing)
     assert "wandb sync " in result.stdout + result.stderr
