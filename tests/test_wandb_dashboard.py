@@ -71,7 +71,8 @@ def test_every_panel_key_is_in_the_history_of_a_real_offline_pipeline(tmp_path, 
              "data.val_max_records=4", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "train.py", "pipeline=three_stage", "logger=wandb", *quick,
-         "pipeline.evaluate_tasks=[ppl,logiqa2,c3]", f"pipeline.store_dir={tmp_path / 'stages'}", f"hydra.run.dir={tmp_path / 'run'}"],  # fmt: skip
+         "pipeline.evaluate_tasks=[ppl,logiqa2,c3]", f"pipeline.store_dir={tmp_path / 'stages'}",
+         f"hydra.run.dir={tmp_path / 'run'}"],  # fmt: skip
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
