@@ -71,8 +71,12 @@ def gpu_facts() -> dict:
 
     props = torch.cuda.get_device_properties(0)
     peak = next((tflops for name, tflops in PEAK_TFLOPS.items() if name in props.name), None)
-    return {"name": props.name, "devices": torch.cuda.device_count(), "memory_gb": props.total_memory / 2**30,
-            "peak_tflops": peak}
+    return {
+        "name": props.name,
+        "devices": torch.cuda.device_count(),
+        "memory_gb": props.total_memory / 2**30,
+        "peak_tflops": peak,
+    }
 
 
 def stage_overrides(args: argparse.Namespace, facts: dict, stage: str, run_dir: Path, corpus: Path) -> list[str]:
@@ -99,8 +103,13 @@ def stage_overrides(args: argparse.Namespace, facts: dict, stage: str, run_dir: 
     ]
     if args.smoke:  # toy sizes on 2 CPU processes: the same ZeRO-3 engine over gloo
         hardware = ["hardware=cpu_zero3", f"hardware.micro_batch_size={MICRO}"]
-        shape = {"hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 1, "num_key_value_heads": 1,
-                 "num_hidden_layers": args.layers or 1}
+        shape = {
+            "hidden_size": 64,
+            "intermediate_size": 172,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "num_hidden_layers": args.layers or 1,
+        }
     else:
         hardware = [
             "hardware=8xa100",
@@ -109,16 +118,27 @@ def stage_overrides(args: argparse.Namespace, facts: dict, stage: str, run_dir: 
             f"hardware.gpu_memory_gb={facts['memory_gb']:.0f}",
             f"hardware.peak_tflops={facts['peak_tflops'] if facts['peak_tflops'] else 'null'}",
         ]
-        shape = {"hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_attention_heads": HEADS,
-                 "num_key_value_heads": HEADS, "num_hidden_layers": args.layers}
+        shape = {
+            "hidden_size": HIDDEN,
+            "intermediate_size": INTERMEDIATE,
+            "num_attention_heads": HEADS,
+            "num_key_value_heads": HEADS,
+            "num_hidden_layers": args.layers,
+        }
     return [*common, *hardware, *(f"model.architecture.{key}={value}" for key, value in shape.items())]
 
 
 def train(overrides: list[str], log: Path, timeout: float) -> str:
     """``python train.py`` to completion; its output goes to ``log`` and is returned."""
     with log.open("a") as out:
-        result = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        result = subprocess.run(
+            [sys.executable, "train.py", *overrides],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
     text = log.read_text()
     if result.returncode != 0:
         sys.exit(f"train.py exited {result.returncode}; its log: {log}\n{text[-4000:]}")
@@ -129,8 +149,13 @@ def kill_after_first_checkpoint(overrides: list[str], run_dir: Path, log: Path, 
     """Start ``python train.py`` in its own process group; SIGKILL every rank once step 1's checkpoint is complete."""
     marker = run_dir / "checkpoints" / "step=000001.ckpt" / "COMPLETE"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "train.py", *overrides], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", *overrides],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout
     try:
         while not marker.exists():
@@ -181,8 +206,11 @@ def main(argv: list[str] | None = None) -> None:
         facts = gpu_facts()
         if args.layers is None:
             args.layers = fitting_layers(facts["memory_gb"], facts["devices"], shutil.disk_usage(out).free / 2**30)
-    print(f"device: {facts['devices']} x {facts['name']}; layers: {args.layers or 1}; steps: {args.steps}; "
-          f"accumulation: {args.accumulation}", flush=True)
+    print(
+        f"device: {facts['devices']} x {facts['name']}; layers: {args.layers or 1}; steps: {args.steps}; "
+        f"accumulation: {args.accumulation}",
+        flush=True,
+    )
     corpus = corpus_for(out)
     rows, previous = [], None
     for stage in STAGES:
@@ -211,13 +239,23 @@ def main(argv: list[str] | None = None) -> None:
     for stage, metrics, diff in rows:
         mfu = metrics.get("train/mfu")
         mem = metrics.get("train/gpu_mem_gb")
-        print(f"{stage:<10}{metrics.get('train/tokens_per_s', float('nan')):>12.0f}"
-              f"{f'{mfu:.1%}' if mfu is not None else '-':>8}{f'{mem:.1f}' if mem is not None else '-':>14}"
-              f"{diff:>22.2e}")
-    (out / "recipe.json").write_text(json.dumps(
-        {"device": facts, "layers": args.layers or 1, "steps": args.steps, "accumulation": args.accumulation,
-         "stages": {stage: {**metrics, "export_max_abs_logit_diff": diff} for stage, metrics, diff in rows}},
-        indent=1))
+        print(
+            f"{stage:<10}{metrics.get('train/tokens_per_s', float('nan')):>12.0f}"
+            f"{f'{mfu:.1%}' if mfu is not None else '-':>8}{f'{mem:.1f}' if mem is not None else '-':>14}"
+            f"{diff:>22.2e}"
+        )
+    (out / "recipe.json").write_text(
+        json.dumps(
+            {
+                "device": facts,
+                "layers": args.layers or 1,
+                "steps": args.steps,
+                "accumulation": args.accumulation,
+                "stages": {stage: {**metrics, "export_max_abs_logit_diff": diff} for stage, metrics, diff in rows},
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":
