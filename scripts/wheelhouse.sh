@@ -55,22 +55,27 @@ if have_file:
         line = line.split("#")[0].strip()
         if line:
             skip.add(norm(re.split(r"[=<>~!@ ;\[]", line, maxsplit=1)[0]))
-env = {"python_version": pyver, "python_full_version": pyver + ".0", "extra": ""}
-todo = list(tomllib.load(open(pyproject, "rb"))["project"]["dependencies"])
+env = {"python_version": pyver, "python_full_version": pyver + ".0"}
+todo = [(Requirement(r), "") for r in tomllib.load(open(pyproject, "rb"))["project"]["dependencies"]]
 pins = {"setuptools": ">=68", "wheel": ""}  # `pip install -e .` builds in isolation: setuptools and wheel from DIR
-missing = []
-while todo:
-    req = Requirement(todo.pop())
+seen, missing = set(), []
+while todo:  # (requirement, the extra of the package that asked for it)
+    req, extra = todo.pop()
     name = norm(req.name)
-    if name in skip or name in pins or name.startswith("nvidia-") or (req.marker and not req.marker.evaluate(env)):
+    if name in skip or name.startswith("nvidia-") or (req.marker and not req.marker.evaluate({**env, "extra": extra})):
+        continue
+    wanted = {""} | set(req.extras)  # fsspec[http]: fsspec's own requirements and those of its extra "http"
+    if {(name, e) for e in wanted} <= seen:
         continue
     try:
         version = md.version(req.name)
     except md.PackageNotFoundError:
         missing.append(str(req))
         continue
-    pins[name] = f"=={version}"
-    todo.extend(md.requires(req.name) or [])
+    pins.setdefault(name, f"=={version}")
+    for e in wanted - {x for n, x in seen if n == name}:
+        seen.add((name, e))
+        todo.extend((Requirement(r), e) for r in md.requires(req.name) or [])
 if missing:
     sys.exit(f"billa: error: not installed in {sys.executable}, so their versions are unknown: {missing}. Run "
              "with PYTHON=<the python billa is installed in> (.venv/bin/python)")
