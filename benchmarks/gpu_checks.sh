@@ -21,6 +21,7 @@ if ! python3 -c "import hydra, deepspeed, datasets, billa" 2>/dev/null; then
   if [ -d "$wheelhouse" ]; then  # --no-deps: the image's own versions of torch, lightning, transformers stay
     python3 -m pip install -q --no-index --no-deps --find-links "$wheelhouse" -r "$wheelhouse/requirements.txt" &&
       python3 -m pip install -q --no-index --no-deps --find-links "$wheelhouse" -e . || exit 1
+    python3 -m pip check | tee "$out/pip_check.txt"  # version ranges the image's own packages miss, if any
   else
     export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"  # billa from the tree; its dependencies must be there
   fi
