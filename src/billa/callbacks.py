@@ -23,8 +23,8 @@ def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: i
 
 
 class Throughput(L.Callback):
-    """Logs ``train/tokens_per_s``, ``train/tokens_per_s_per_device``, ``train/tflops_per_device``, ``train/mfu``
-    and per-source accounting.
+    """Logs ``train/tokens_per_s``, ``train/tokens_per_s_per_device``, ``train/tflops_per_device``, ``train/mfu``,
+    ``train/gpu_mem_gb`` and per-source accounting.
 
     ``train/tokens/<source>`` and ``train/samples/<source>`` count what every rank consumed since the run (re)started;
     ``train/mix/<source>`` is the realised share of samples, so a chart shows that stage 2 really is 1:1, and
@@ -34,6 +34,8 @@ class Throughput(L.Callback):
     between two logging points, so data loading and the optimizer step are included. MFU = achieved model FLOPs /
     the device's peak (``hardware.peak_tflops``); activation recomputation is not counted as useful work.
     ``train/tflops_per_device`` is the same achieved model FLOP rate in TFLOP/s, logged without a peak too.
+    ``train/gpu_mem_gb`` (CUDA only) is this rank's peak allocated GPU memory since the process started, in GiB
+    (``torch.cuda.max_memory_allocated``): what the memory plan has to fit.
     """
 
     def __init__(
@@ -63,6 +65,8 @@ class Throughput(L.Callback):
         per_device = self._tokens / (time.perf_counter() - self._start)
         metrics = {"train/tokens_per_s_per_device": per_device, "train/tokens_per_s": per_device * trainer.world_size}
         metrics.update(model_flops(per_device, self.flops_per_token, self.peak_flops))
+        if pl_module.device.type == "cuda":
+            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         # Every source of the mix on every rank, 0 where this rank drew none: each key is a collective (sync_dist),
         # and a rank that saw fewer sources (stage 3's 12-sample cycle in blocks of 2 per rank: some ranks never
