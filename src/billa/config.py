@@ -512,8 +512,9 @@ def check_compile(compile_layers: object, deepspeed: bool) -> None:
     if compile_layers and deepspeed:
         raise ConfigError(
             "`compile`=true with a DeepSpeed `hardware.strategy`: billa compiles decoder layers only without "
-            "DeepSpeed (ZeRO-3 gathers every parameter in hooks that run inside the layers; compiled layers under "
-            "DeepSpeed are untested). Set compile=false, or use a hardware config without DeepSpeed (hardware=1xa100)"
+            "DeepSpeed (ZeRO-3 gathers every parameter in hooks inside the layers, and dynamo breaks the graph at "
+            "each of them). Set compile=false (model.kernels=auto gives fused Liger kernels on CUDA under ZeRO-3), or "
+            "use a hardware config without DeepSpeed (hardware=1xa100)"
         )
 
 
