@@ -101,6 +101,22 @@ def compile_decoder_layers(model: PreTrainedModel) -> int:
     return len(model.model.layers)
 
 
+def apply_liger_kernels(model: PreTrainedModel) -> None:
+    """Liger Kernel's fused Triton kernels for RMSNorm, rotary and SwiGLU in a built LLaMA (``model.kernels``: liger).
+
+    The instance's RMSNorm and MLP modules keep their parameters and names and get Liger's ``forward`` (checkpoints,
+    exports, the residual-dropout hooks and ZeRO-3's per-module gather hooks are unchanged); the rotary function is
+    replaced in ``transformers.models.llama.modeling_llama``, which, like the RMSNorm and MLP classes, is process-wide:
+    a LLaMA built later in the same process uses Liger too. The loss stays billa's (``HeadNLL``): Liger's cross-entropy
+    and fused linear cross-entropy are not used. CUDA only (``billa.config.select_kernels`` decides).
+    """
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+    )
+
+
 def random_init_llama(config: LlamaConfig) -> LlamaForCausalLM:
     """A randomly initialised LLaMA: the same weights for the same seed, in one process or partitioned by ZeRO-3.
 

@@ -12,11 +12,19 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from billa.config import ConfigError, check_compile
+from billa.config import ConfigError, check_compile, liger_importable, select_kernels
 from billa.data.packing import feed_packed, packed_layout
 from billa.distributed.memory import partition_report, track_materialised
-from billa.model.builders import add_residual_dropout, build_causal_lm, compile_decoder_layers
+from billa.model.builders import (
+    add_residual_dropout,
+    apply_liger_kernels,
+    build_causal_lm,
+    compile_decoder_layers,
+)
 from billa.model.loss import HeadNLL, labelled_token_nll
+from billa.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 LOSS_NORMALIZATIONS = ("step_token_mean", "rank_token_mean")
 
@@ -25,7 +33,7 @@ class BillaLM(L.LightningModule):
     """Full-parameter causal-LM training (no LoRA) of a LLaMA model.
 
     Args:
-        model: ``model`` config: ``architecture`` and ``pretrained_path``.
+        model: ``model`` config: ``architecture``, ``pretrained_path``, ``kernels`` (``billa.config.select_kernels``).
         vocab_size: tokenizer size.
         optimizer: partial optimizer config (``_target_`` + ``_partial_: true``), completed with parameter groups.
         scheduler: partial scheduler config, completed with the optimizer and ``total_steps``.
@@ -69,6 +77,7 @@ class BillaLM(L.LightningModule):
         self.model = None
         self.head_nll = HeadNLL()  # lm_head + loss as one module call: one ZeRO-3 gather per pass (billa.model.loss)
         self.val_loss_start: float | None = None
+        self.kernels: str | None = None  # the layers' RMSNorm, rotary, SwiGLU kernels once built: liger or torch
         self.build_report: dict | None = None  # what this rank held right after building (PartitionReport)
         self._step_sums: torch.Tensor | None = None  # (NLL sum, label tokens, objective) of the optimizer step
         self._grad_norm: float | None = None
@@ -89,7 +98,12 @@ class BillaLM(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
-        if self.hparams.get("compile"):
+        compile_layers = bool(self.hparams.get("compile"))
+        self.kernels = select_kernels(spec.get("kernels", "auto"), self._on_cuda(), liger_importable(), compile_layers)
+        if self.kernels == "liger":
+            apply_liger_kernels(self.model)
+            log.info("model.kernels: Liger Kernel's fused RMSNorm, rotary and SwiGLU in every decoder layer")
+        if compile_layers:
             check_compile(True, deepspeed=isinstance(self._strategy(), DeepSpeedStrategy))
             compile_decoder_layers(self.model)
 
@@ -205,6 +219,11 @@ class BillaLM(L.LightningModule):
 
     def _strategy(self):
         return self._trainer.strategy if self._trainer is not None else None
+
+    def _on_cuda(self) -> bool:
+        """The module trains on a CUDA device (a module built outside a Trainer stays on the CPU)."""
+        strategy = self._strategy()
+        return strategy is not None and strategy.root_device.type == "cuda"
 
     def _deepspeed_engine(self):
         strategy = self._strategy()
