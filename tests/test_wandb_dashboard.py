@@ -17,6 +17,7 @@ from billa.dashboard import (
     panel_keys,
     read_histories,
     to_workspace,
+    view_name,
 )
 from billa.utils.loggers import pipeline_run_dirs, run_identity, sync_command
 
@@ -60,6 +61,19 @@ def test_view_is_built_offline_with_a_section_per_question():
     view = to_workspace(spec)._to_model()  # what .save() uploads, built without network
     assert view.display_name == "billa: sweep-x" and len(view.spec.section.panel_bank_config.sections) == len(names)
     assert "view" not in {s["name"] for s in build_spec(data_sources(), {}, group=None)["sections"]}
+
+
+def test_saving_the_same_view_again_updates_it():
+    """Catches a view saved under a fresh random name each time (W&B's default), so every run of billa.dashboard
+    would add another copy of the project's or sweep's workspace instead of updating it."""
+    spec = build_spec(data_sources(), eval_subsets(), group="sweep-x")
+    again = build_spec(data_sources(), eval_subsets(), group="sweep-x")
+    other = build_spec(data_sources(), eval_subsets(), group="sweep-y")
+    assert view_name(spec) == view_name(again) != view_name(other)
+    assert view_name(spec).startswith("nw-") and view_name(spec).endswith("-v") and "-v" not in view_name(spec)[3:-2]
+    workspace = to_workspace(spec)
+    workspace._internal_name = view_name(spec)
+    assert workspace._to_model().name == view_name(spec)  # the name the upsert sends
 
 
 @pytest.mark.slow

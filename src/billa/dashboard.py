@@ -14,6 +14,7 @@ under a directory (the picture in the README). docs/wandb.md lists the keys and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -243,13 +244,34 @@ def write_spec(spec: Mapping, path: str | Path) -> Path:
     return path
 
 
+def view_name(spec: Mapping) -> str:
+    """The view's fixed W&B name (``nw-<11 hex>-v``), derived from project and view title: saving the same view again
+    (a later run of ``billa.dashboard`` for the project or the sweep group) updates it instead of adding a copy."""
+    digest = hashlib.sha1(f"{spec['project']}/{spec['name']}".encode()).hexdigest()[:11]
+    return f"nw-{digest}-v"
+
+
+def save_view(spec: Mapping):
+    """Create the W&B view of ``spec``, or update it when a view of the same name exists (needs W&B access)."""
+    from wandb_workspaces.workspaces import internal
+
+    workspace = to_workspace(spec)
+    workspace._internal_name = view_name(spec)
+    try:  # the view's id makes the upsert an update
+        workspace._internal_id = internal.get_view_dict(
+            workspace.entity, workspace.project, workspace._internal_name[3:-2]
+        )["id"]
+    except ValueError:  # no such view (or project) yet: created
+        workspace._internal_id = ""
+    return workspace.save()
+
+
 def save_or_write(spec: Mapping, out: str | Path) -> str:
     """Save the view to W&B when it is configured here; else write ``spec`` to ``out``. Returns what was done."""
     from billa.utils.loggers import wandb_configured
 
     if wandb_configured():
-        workspace = to_workspace(spec).save()
-        return f"W&B view saved: {workspace.url}"
+        return f"W&B view saved: {save_view(spec).url}"
     path = write_spec(spec, out)
     return (
         f"W&B is not configured here: wrote the view's specification to {path}. On a machine with W&B access "
@@ -278,8 +300,7 @@ def main(argv: list[str]) -> str:
         path = Path(options["apply"])
         if not path.is_file():
             raise ConfigError(f"apply: {path}: no such file (write one with `python -m billa.dashboard out={path}`)")
-        workspace = to_workspace(json.loads(path.read_text())).save()
-        return f"W&B view saved: {workspace.url}"
+        return f"W&B view saved: {save_view(json.loads(path.read_text())).url}"
     comparison = None
     if options["sweep_dir"]:
         table = Path(options["sweep_dir"]) / "comparison.md"
