@@ -7,6 +7,7 @@ import json
 import netrc
 import os
 import shlex
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,8 @@ def wandb_logger(
     for var, sub in (("WANDB_CACHE_DIR", "wandb/.cache"), ("WANDB_CONFIG_DIR", "wandb/.config")):
         os.environ.setdefault(var, str(Path(save_dir) / sub))
     log.info("W&B logger: project=%s name=%s mode=%s", project, name, mode)
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:  # a new logger is a new run: Lightning's
+        sys.modules["wandb"].finish()  # WandbLogger would log into a run an earlier stage or task left open
     return WandbLogger(project=project, name=name, save_dir=save_dir, mode=mode, tags=tags, **kwargs)
 
 
