@@ -229,3 +229,9 @@ def hydra_choice(group: str) -> str | None:
     if not HydraConfig.initialized():
         return None
     return HydraConfig.get().runtime.choices.get(group)
+
+
+def hardware_file(choice: str | None = None) -> str:
+    """``conf/hardware/<choice>.yaml`` of the running Hydra job (``choice`` given: that one), for messages."""
+    choice = choice or hydra_choice("hardware")
+    return f"conf/hardware/{choice}.yaml" if choice else "the hardware config (hardware=...)"

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from billa.config import ConfigError, hardware_file
+from billa.model_card import hardware_file
+from billa.utils.errors import ConfigError
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 

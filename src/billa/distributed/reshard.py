@@ -103,7 +103,7 @@ def load_resharded(strategy, checkpoint: str | os.PathLike, saved: int, load) ->
             error = f"{type(err).__name__}: {err}"
     error = strategy.broadcast(error)
     if error:
-        from billa.config import ConfigError  # config imports this module
+        from billa.utils.errors import ConfigError
 
         raise ConfigError(f"{checkpoint}: converting the {saved}-rank ZeRO checkpoint failed: {error}")
     config = strategy.deepspeed_engine._config
@@ -148,7 +148,7 @@ def check_resumable(checkpoint: str | os.PathLike, key: str, hardware, trust: bo
     Raises:
         ConfigError: naming the key, the file and the fix.
     """
-    from billa.config import ConfigError
+    from billa.utils.errors import ConfigError
 
     path, stage, batch = Path(checkpoint), hardware.zero_stage, hardware.batch
     world = batch.world_size

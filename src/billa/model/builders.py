@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from billa.config import ConfigError
 from billa.distributed.safe_load import pretrained_loading
+from billa.utils.errors import ConfigError
 
 
 def llama_config(architecture: Mapping, vocab_size: int, bos_id: int = 1, eos_id: int = 2) -> LlamaConfig:
@@ -108,7 +108,7 @@ def apply_liger_kernels(model: PreTrainedModel) -> None:
     exports, the residual-dropout hooks and ZeRO-3's per-module gather hooks are unchanged); the rotary function is
     replaced in ``transformers.models.llama.modeling_llama``, which, like the RMSNorm and MLP classes, is process-wide:
     a LLaMA built later in the same process uses Liger too. The loss stays billa's (``HeadNLL``): Liger's cross-entropy
-    and fused linear cross-entropy are not used. CUDA only (``billa.config.select_kernels`` decides).
+    and fused linear cross-entropy are not used. CUDA only (``billa.model.kernels.select_kernels`` decides).
     """
     from liger_kernel.transformers import apply_liger_kernel_to_llama
 

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from billa.config import ConfigError, check_compile, liger_importable, select_kernels
 from billa.data.packing import feed_packed, packed_layout
 from billa.distributed.memory import partition_report, track_materialised
 from billa.model.builders import (
@@ -21,7 +20,9 @@ from billa.model.builders import (
     build_causal_lm,
     compile_decoder_layers,
 )
+from billa.model.kernels import check_compile, liger_importable, select_kernels
 from billa.model.loss import HeadNLL, labelled_token_nll
+from billa.utils.errors import ConfigError
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -33,7 +34,7 @@ class BillaLM(L.LightningModule):
     """Full-parameter causal-LM training (no LoRA) of a LLaMA model.
 
     Args:
-        model: ``model`` config: ``architecture``, ``pretrained_path``, ``kernels`` (``billa.config.select_kernels``).
+        model: ``model`` config: ``architecture``, ``pretrained_path``, ``kernels`` (``kernels.select_kernels``).
         vocab_size: tokenizer size.
         optimizer: partial optimizer config (``_target_`` + ``_partial_: true``), completed with parameter groups.
         scheduler: partial scheduler config, completed with the optimizer and ``total_steps``.

@@ -26,10 +26,10 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from billa.config import ConfigError
 from billa.progress import track
 from billa.tokenizer.load import save_tokenizer_dir
 from billa.tokenizer.sentencepiece_train import train_sentencepiece
+from billa.utils.errors import ConfigError
 from billa.utils.logging import get_logger
 
 log = get_logger(__name__)

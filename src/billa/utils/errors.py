@@ -42,6 +42,10 @@ class BillaError(Exception):
     """An error billa raises on purpose: its message names the file and line or the config key, and the fix."""
 
 
+class ConfigError(BillaError, ValueError):
+    """A configuration value is missing or inconsistent; the message names the key(s) and what is expected."""
+
+
 class MissingInputError(BillaError, FileNotFoundError):
     """A file or directory a config key names does not exist (or holds nothing usable); the message names the key."""
 
