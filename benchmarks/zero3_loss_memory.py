@@ -24,16 +24,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ARCH = {  # hidden 512 with BiLLa's vocabulary: the loss dominates a step's activations (as benchmarks/loss_memory.py)
-    "hidden_size": 512,
-    "intermediate_size": 1376,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 2048,
-    "tie_word_embeddings": False,
-}
-VOCAB = 46_943
+from loss_memory import ARCH, VOCAB  # noqa: E402 - the same model as the one-process benchmark (this folder)
+
 WORLD = 2
 
 

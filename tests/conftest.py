@@ -91,6 +91,16 @@ SHORT_RUN = [
     "data.val_max_records=8",
     "trainer.enable_progress_bar=false",
 ]
+QUICK_PIPELINE = [  # a pipeline's every stage: 3 steps, small validation, CSV metrics, no evaluation tasks
+    "logger=csv",
+    "pipeline.evaluate_tasks=[]",
+    "trainer.max_steps=3",
+    "val_every_n_steps=3",
+    "checkpoint.every_n_steps=3",
+    "scheduler.warmup_steps=1",
+    "data.val_max_records=4",
+    "trainer.enable_progress_bar=false",
+]
 ZERO3 = ["hardware=cpu_zero3"]  # 2 processes over gloo, the real DeepSpeed ZeRO-3 engine
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from billa.data.stream import STREAM_FORMAT
 
-from .conftest import SHORT_RUN, ZERO3, logged, train_cli
+from .conftest import QUICK_PIPELINE, SHORT_RUN, ZERO3, logged, train_cli
 from .helpers import ROOT
 
 pytestmark = pytest.mark.slow
@@ -208,14 +208,7 @@ PIPELINE = [
     "pipeline=billa",
     "pipeline.steps=[{name:stage1,stage:pretrain},{name:stage2,stage:task_mix}]",
     "pipeline.evaluate=false",
-    "pipeline.evaluate_tasks=[]",
-    "logger=csv",
-    "trainer.max_steps=3",
-    "val_every_n_steps=3",
-    "checkpoint.every_n_steps=3",
-    "scheduler.warmup_steps=1",
-    "data.val_max_records=4",
-    "trainer.enable_progress_bar=false",
+    *QUICK_PIPELINE,
 ]
 
 

@@ -16,18 +16,9 @@ from safetensors.torch import load_file
 
 from billa.pipeline import run_pipeline
 
-from .conftest import ROOT, compose_train
+from .conftest import QUICK_PIPELINE, ROOT, compose_train
 
-QUICK = [  # every stage: a few steps, small validation, CSV metrics
-    "logger=csv",
-    "pipeline.evaluate_tasks=[]",
-    "trainer.max_steps=3",
-    "val_every_n_steps=3",
-    "checkpoint.every_n_steps=3",
-    "scheduler.warmup_steps=1",
-    "data.val_max_records=4",
-    "trainer.enable_progress_bar=false",
-]
+QUICK = QUICK_PIPELINE  # every stage: a few steps, small validation, CSV metrics
 
 
 def _weights(export_dir: str) -> dict[str, torch.Tensor]:
