@@ -34,21 +34,27 @@ ARCH = {  # hidden 512 with BiLLa's vocabulary: the loss dominates a step's acti
 VOCAB = 46_943
 
 
-def _step(contender: str, batch: int, seq: int, device: str, chunk: int) -> dict:
-    import torch
-
-    from billa.model.builders import llama_config
+def bare_module(loss_chunk_tokens: int):
+    """billa's LightningModule around ``ARCH`` at ``VOCAB`` rows (no optimizer or schedule: a benchmark steps it)."""
     from billa.model.module import BillaLM
 
-    torch.manual_seed(0)
-    module = BillaLM(
+    return BillaLM(
         model={"architecture": ARCH, "pretrained_path": None},
         vocab_size=VOCAB,
         optimizer={},
         scheduler={},
         total_steps=1,
-        loss_chunk_tokens=chunk if contender == "billa" else 0,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
+
+
+def _step(contender: str, batch: int, seq: int, device: str, chunk: int) -> dict:
+    import torch
+
+    from billa.model.builders import llama_config
+
+    torch.manual_seed(0)
+    module = bare_module(chunk if contender == "billa" else 0)
     from transformers import LlamaForCausalLM
 
     module.model = LlamaForCausalLM(llama_config(ARCH, VOCAB)).to(device)

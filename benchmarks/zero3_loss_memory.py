@@ -24,7 +24,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from loss_memory import ARCH, VOCAB  # noqa: E402 - the same model as the one-process benchmark (this folder)
+from loss_memory import ARCH, VOCAB, bare_module  # noqa: E402 - the same model as the one-process benchmark (this folder)
 
 WORLD = 2
 
@@ -44,7 +44,7 @@ def _rank(args: argparse.Namespace) -> dict:
         torch.cuda.set_device(args.rank)
     import deepspeed
 
-    from billa.model.module import BillaLM  # before zero.Init: lightning's import of torch._dynamo fails inside it
+    import billa.model.module  # noqa: F401 - imported before zero.Init: lightning's import of torch._dynamo fails inside it
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     config = {
@@ -56,14 +56,7 @@ def _rank(args: argparse.Namespace) -> dict:
     }
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=config):
-        module = BillaLM(
-            model={"architecture": ARCH, "pretrained_path": None},
-            vocab_size=VOCAB,
-            optimizer={},
-            scheduler={},
-            total_steps=1,
-            loss_chunk_tokens=args.chunk,
-        )
+        module = bare_module(args.chunk)
         module.configure_model()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)  # hooks HeadNLL too

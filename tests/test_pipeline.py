@@ -110,26 +110,34 @@ def test_half_finished_stage_resumes_and_is_not_marked_done(store, tmp_path, cac
     assert logged and min(logged) >= 2  # nothing of steps 1-2 was trained again
 
 
-@pytest.mark.slow
-def test_ablation_sweep_writes_its_comparison(store, tmp_path, cache_dir, sample_tokenizer_dir):
-    """The multirun a user runs for the stage-merging ablation: three variants, one table, stage 1 trained once."""
-    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir)}
-    result = subprocess.run(
+def _sweep(tmp_path, cache_dir, *overrides: str) -> subprocess.CompletedProcess:
+    """``python train.py -m <overrides>`` with its stage store and sweep directory under ``tmp_path``."""
+    return subprocess.run(
         [
             sys.executable,
             "train.py",
             "-m",
-            "pipeline=three_stage,merge_2_3,skip_2",
-            *[o for o in QUICK if not o.startswith("pipeline.evaluate_tasks")],
-            "pipeline.evaluate_tasks=[c3]",  # evaluate.py on the final exports: C3 on the shipped fixtures
+            *overrides,
             f"pipeline.store_dir={tmp_path / 'stages'}",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
+        ],  # fmt: skip
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "BILLA_CACHE_DIR": str(cache_dir)},
         capture_output=True,
         text=True,
         timeout=1800,
+    )
+
+
+@pytest.mark.slow
+def test_ablation_sweep_writes_its_comparison(store, tmp_path, cache_dir, sample_tokenizer_dir):
+    """The multirun a user runs for the stage-merging ablation: three variants, one table, stage 1 trained once."""
+    result = _sweep(
+        tmp_path,
+        cache_dir,
+        "pipeline=three_stage,merge_2_3,skip_2",
+        *[o for o in QUICK if not o.startswith("pipeline.evaluate_tasks")],
+        "pipeline.evaluate_tasks=[c3]",  # evaluate.py on the final exports: C3 on the shipped fixtures
     )
     assert result.returncode == 0, result.stderr[-4000:]
     comparison = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
@@ -216,24 +224,7 @@ def test_chat_prompts_are_the_sft_objective_prefixes(first, tmp_path):
 def test_seed_sweep_trains_stage_1_once_per_seed_and_reports_mean_and_std(tmp_path, cache_dir, sample_tokenizer_dir):
     """The ablation a reader can trust: 2 variants x 2 seeds. Catches: a stage key without the seed (seed 2 reusing
     seed 1's stage 1), variants of one seed not sharing their stage 1, or seeds listed as separate variants."""
-    env = {**os.environ, "BILLA_CACHE_DIR": str(cache_dir)}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "pipeline=three_stage,merge_2_3",
-            "seed=1,2",
-            *QUICK,
-            f"pipeline.store_dir={tmp_path / 'stages'}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    result = _sweep(tmp_path, cache_dir, "pipeline=three_stage,merge_2_3", "seed=1,2", *QUICK)
     assert result.returncode == 0, result.stderr[-4000:]
     stage_dirs = sorted(p.name.split("-")[0] for p in (tmp_path / "stages").iterdir() if p.is_dir())
     assert stage_dirs.count("stage1") == 2  # once per seed, not once per sweep point (4) or once in all (1)

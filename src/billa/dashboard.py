@@ -436,4 +436,6 @@ if __name__ == "__main__":
 
     setup_logging()
     with exit_on_error():
-        print(main(sys.argv[1:]))  # a command-line tool, one process
+        from rich.console import Console
+
+        Console().print(main(sys.argv[1:]), markup=False, highlight=False)  # what was done, for the user
