@@ -35,10 +35,16 @@ def test_zero3_partitions_params_grads_and_optimizer_states():
     assert plan.parameters == pytest.approx(2 * N_7B / 8)
     assert plan.gradients == pytest.approx(2 * N_7B / 8)
     assert plan.optimizer == pytest.approx(12 * N_7B / 8)
-    # layer inputs kept (32 x 2048 tokens x 4096 x 2 B) + one layer recomputed (17 x 2 B x 2048 x 4096)
-    # + bf16 logits and their fp32 copy (2048 x 46,943 x 6 B)
-    assert plan.activations == pytest.approx(32 * 2048 * 4096 * 2 + 34 * 2048 * 4096 + 2048 * 46_943 * 6)
-    assert plan.fits and 15 * GIB < plan.total < 20 * GIB
+    # 16-bit layer inputs kept (32 x 2,048 tokens x 4,096 x 2 B), then the larger moment: the loss in one piece
+    # (12 B per logit element: fp32 log-softmax, its gradient, the logits' gradient; + 10 h per token beside) or a
+    # recomputed layer's backward (24 h + 8 i, + 6 i - 2 h); + 1e9 gathered 16-bit parameters (ZeRO-3's default)
+    loss = 12 * 2048 * 46_943 + 10 * 4096 * 2048
+    layer = (24 * 4096 + 8 * 11008 - 2 * 4096 + 6 * 11008) * 2048
+    assert loss > layer
+    assert plan.gathered == 2 * 10**9
+    assert plan.activations == pytest.approx(32 * 2048 * 4096 * 2 + loss + 2 * 10**9)
+    assert plan.step == pytest.approx(4 * N_7B / 8)  # the optimizer step's fp32 gradients of its sub group
+    assert plan.fits and 18 * GIB < plan.total < 22 * GIB
 
 
 def test_stages_and_offload():

@@ -180,8 +180,8 @@ def _fit(
     return AutoChoice(micro, recompute, micro_auto, checkpointing_auto, smallest, usable)
 
 
-def _memory_planner(cfg: DictConfig, vocab_size: int):
-    """``(micro batch, checkpointing) -> MemoryPlan`` for this config's model, hardware and sequence length."""
+def _memory_planner(cfg: DictConfig, vocab_size: int, seq_len: int | None = None):
+    """``(micro batch, checkpointing) -> MemoryPlan`` for this config's model, hardware, sequence length and loss."""
     from omegaconf import OmegaConf
 
     from billa.distributed.memory import plan_memory
@@ -193,15 +193,27 @@ def _memory_planner(cfg: DictConfig, vocab_size: int):
     stage, offload_optimizer, offload_parameters = zero_settings(deepspeed)
     n_params = count_parameters(arch, vocab_size)
     world = hw.devices * hw.num_nodes
-    seq_len = _positive_int(cfg, "data.max_seq_length")
+    seq_len = seq_len or _positive_int(cfg, "data.max_seq_length")
+    chunk = int(cfg.get("loss_chunk_tokens") or 0)
+    dropout = float(cfg.model.get("residual_dropout") or 0.0)
+    zero = (deepspeed or {}).get("zero_optimization")
 
     def plan(micro: int, recompute: bool):
         return plan_memory(
             n_params, arch, vocab_size, micro, seq_len, world, str(hw.precision), stage, offload_optimizer,
-            offload_parameters, recompute, hw.get("gpu_memory_gb"),
+            offload_parameters, recompute, hw.get("gpu_memory_gb"), chunk, dropout, zero,
         )  # fmt: skip
 
     return plan
+
+
+def memory_plan(cfg: DictConfig, batch: BatchPlan, vocab_size: int, seq_len: int | None = None):
+    """The memory plan of a resolved config (``plan_batch`` done: micro batch and checkpointing are fixed).
+
+    ``seq_len``: the data module's sequence length (default ``data.max_seq_length``).
+    """
+    micro, recompute = batch.micro_size, bool(cfg.hardware.activation_checkpointing)
+    return _memory_planner(cfg, vocab_size, seq_len)(micro, recompute)
 
 
 def _planning_vocab(cfg: DictConfig) -> int:

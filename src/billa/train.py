@@ -21,12 +21,12 @@ from billa.callbacks import (
     Throughput,
     flops_per_token,
 )
-from billa.config import ConfigError, HardwarePlan, complete, plan_hardware, validate
+from billa.config import ConfigError, HardwarePlan, complete, memory_plan, plan_hardware, validate
 from billa.data.datamodule import BillaDataModule
 from billa.data.stream import STATE_FILE
 from billa.distributed.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from billa.distributed.machine import check_machine
-from billa.distributed.memory import MemoryPlan, PeakMemoryCheck, plan_memory
+from billa.distributed.memory import MemoryPlan, PeakMemoryCheck
 from billa.distributed.reshard import check_resumable
 from billa.distributed.safe_load import check_checkpoint, weights_only_loading
 from billa.export import gather_state_dict, save_hf_model
@@ -127,20 +127,7 @@ def check_memory(cfg: DictConfig, hardware: HardwarePlan, vocab_size: int, max_s
     (``memory_check: false`` skips the stop). Returns the plan."""
     hw, batch = cfg.hardware, hardware.batch
     n_params = count_parameters(cfg.model.architecture, vocab_size)
-    memory = plan_memory(
-        n_params,
-        cfg.model.architecture,
-        vocab_size,
-        batch.micro_size,
-        max_seq_length,
-        batch.world_size,
-        hardware.precision,
-        hardware.zero_stage,
-        hardware.offload_optimizer,
-        hardware.offload_parameters,
-        hw.activation_checkpointing,
-        hw.get("gpu_memory_gb"),
-    )
+    memory = memory_plan(cfg, batch, vocab_size, max_seq_length)
     zero = "no ZeRO" if hardware.zero_stage is None else f"ZeRO stage {hardware.zero_stage}"
     chosen = f"\n  {batch.auto}" if batch.auto else ""
     log.info(
