@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of README's Benchmarks section, in one run on the CUDA GPUs of one machine:
 #   bash benchmarks/gpu_checks.sh [OUT_DIR] [STEP ...]
-# STEP: mfu packing loss_memory recipe_batches recipe_batches_compile recipe; no STEP runs all but
+# STEP: mfu packing loss_memory memory_plan recipe_batches recipe_batches_compile recipe; no STEP runs all but
 # recipe_batches_compile. `recipe` is `python train.py` itself, stages 1 -> 2 -> 3 with hardware=8xa100's ZeRO-3 +
 # bf16 on the GPUs present (benchmarks/recipe_gpu.py: kill -9 and resume=auto in stage 1, the exports checked).
 # From the repository root. Each step writes OUT_DIR/<step>.txt under its own timeout, so one slow step does not cost
@@ -13,7 +13,7 @@
 set -uo pipefail
 out="${1:-gpu_checks}"
 shift $(($# > 0 ? 1 : 0))
-steps="${*:-mfu packing loss_memory recipe_batches recipe}"
+steps="${*:-mfu packing loss_memory memory_plan recipe_batches recipe}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 wheelhouse="${WHEELHOUSE:-wheelhouse}"
@@ -33,6 +33,7 @@ recipe=(--accelerator gpu --precision bf16 --hidden 2048 --layers 8 --batch 16 -
 mfu=(--profile compiled:off:8)
 packing=()
 memory=(--batch 8 --seq 1024 --device cuda)
+plan=(--device cuda --hidden 4096 --layers 2 --tokens 8192)  # the plan's activations vs CUDA's, 7B-wide layers
 train=()  # layers: as many as fit the GPUs and the disk (recipe_gpu.fitting_layers)
 if [ "${SMOKE:-0}" = 1 ]; then
   recipe=(--accelerator cpu --precision fp32 --hidden 64 --layers 1 --batch 4 --max-len 128 --steps 3 --warmup 1
@@ -41,6 +42,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     --steps 1 --warmup 1 --profile eager:off:2)
   packing=(--batch 2 --seq 128 --hidden 64 --layers 1)
   memory=(--batch 2 --seq 64)
+  plan=(--hidden 128 --layers 1 --tokens 2048 --vocab 2000)
   train=(--smoke)
 fi
 
@@ -60,10 +62,12 @@ for name in $steps; do
     mfu) step gpu_mfu 330 python3 benchmarks/gpu_mfu.py "${mfu[@]}" ;;
     packing) step gpu_packing 80 python3 benchmarks/gpu_packing.py "${packing[@]}" ;;
     loss_memory) step loss_memory 60 python3 benchmarks/loss_memory.py "${memory[@]}" ;;
+    memory_plan) step memory_plan 120 python3 benchmarks/memory_plan.py "${plan[@]}" ;;
     recipe_batches) step recipe_batches 200 python3 benchmarks/recipe_batches.py "${recipe[@]}" ;;
     recipe_batches_compile)
       step recipe_batches_compile 420 python3 benchmarks/recipe_batches.py "${recipe[@]}" --compile ;;
     recipe) step recipe 570 python3 benchmarks/recipe_gpu.py "$out/recipe" "${train[@]}" ;;
-    *) echo "unknown step $name (mfu packing loss_memory recipe_batches recipe_batches_compile recipe)" && exit 2 ;;
+    *) echo "unknown step $name (mfu packing loss_memory memory_plan recipe_batches recipe_batches_compile recipe)" &&
+      exit 2 ;;
   esac
 done

@@ -10,12 +10,10 @@ fitted on (hidden 384 with a 1,024 SwiGLU width, grouped-query attention), so a 
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-from billa.distributed.memory import PEAK_TOLERANCE, activation_bytes, weight_mode
+from billa.distributed.memory import PEAK_TOLERANCE, activation_bytes, measure_activations, weight_mode
 
 from .helpers import tiny_module
 
@@ -32,26 +30,13 @@ GQA = {**SHAPE, "num_key_value_heads": 2}
 
 
 def measured_activations(arch, vocab, tokens, mode, checkpointing, chunk, dropout) -> int:
-    """Peak bytes of one ``token_nll`` forward + backward beyond weights and buffers, on this CPU."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
+    """Peak bytes of one ``token_nll`` forward + backward of a fresh module beyond weights and buffers, on this CPU."""
     model = {"architecture": arch, "pretrained_path": None, "residual_dropout": dropout, "kernels": "torch"}
     module = tiny_module(model, vocab, seed=0, gradient_checkpointing=checkpointing, loss_chunk_tokens=chunk)
-    if mode == "16-bit":
-        module.model.to(torch.bfloat16)  # as DeepSpeed's bf16 engine holds it
-    for param in module.parameters():  # gradients leave at once, as into ZeRO's reduce buckets
-        param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     ids = torch.randint(0, vocab, (2, tokens // 2), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-    tracker = MemTracker()
-    tracker.track_external(module, ids, batch["labels"])
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "mixed" else contextlib.nullcontext()
-    with tracker:
-        with autocast:
-            nll, _ = module.token_nll(batch)
-        nll.mean().backward()
-    peak = {getattr(k, "name", k): v for k, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
-    return peak["Total"] - peak["PARAM"] - peak["BUFFER"]
+    return measure_activations(
+        module, {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}, mode
+    )
 
 
 CASES = [  # (precision, ZeRO stage, architecture, vocabulary, checkpointing, loss chunk, residual dropout)

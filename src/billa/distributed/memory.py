@@ -76,11 +76,11 @@ class ActivationBytes:
 
 ACTIVATION_BYTES = {
     # 16-bit weights (DeepSpeed's bf16 engine, bf16-true): no autocast, every activation 16-bit
-    "16-bit": ActivationBytes(24, 8, 4, 4, 2, 20, 2, -2, 6, 12, 10, 2),
+    "16-bit": ActivationBytes(24, 8, 4, 4, 2, 20, 2, -2, 6, 12, 10, 4),
     # fp32 weights + 16-bit autocast (bf16-mixed without DeepSpeed): fp32 residual stream and norms
     "mixed": ActivationBytes(34, 8, 4, 4, 4, 16, 3.4, -2, 5, 12, 17, 4, weight_copy=2),
     # fp32 weights and activations (32-true)
-    "fp32": ActivationBytes(40, 16, 8, 8, 4, -4, 11.4, -8, 11.5, 12, 16, 6),
+    "fp32": ActivationBytes(40, 16, 8, 8, 4, -4, 11.4, -8, 11.5, 12, 16, 8),
 }
 
 
@@ -232,6 +232,33 @@ def plan_memory(
     capacity = None if capacity_gb is None else capacity_gb * GIB
     overhead = RUNTIME_OVERHEAD if capacity is not None else 0.0
     return MemoryPlan(params, grads, optim, activations + gathered, overhead, capacity, offloaded, step, gathered)
+
+
+def measure_activations(module, batch: dict, mode: str) -> int:
+    """Peak bytes one ``module.token_nll`` forward + backward holds beyond weights and buffers, measured.
+
+    ``torch.distributed._tools.mem_tracker.MemTracker`` follows every tensor storage the ops allocate and free (CPU
+    or CUDA, no allocator statistics needed). Gradients are dropped as soon as they are accumulated, as into ZeRO's
+    reduce buckets (the plan counts them as states). ``mode`` (``weight_mode``): ``16-bit`` casts the model to bf16
+    (DeepSpeed's engine), ``mixed`` runs the forward under bf16 autocast, ``fp32`` as it is. For the plan's checks
+    (tests/test_memory_plan.py, benchmarks/memory_plan.py); changes ``module`` (dtype, gradient hooks).
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    if mode == "16-bit":
+        module.model.to(torch.bfloat16)
+    for param in module.parameters():
+        param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    device = next(module.parameters()).device
+    tracker = MemTracker()
+    tracker.track_external(module, *(v for v in batch.values() if isinstance(v, torch.Tensor)))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "mixed" else contextlib.nullcontext()
+    with tracker:
+        with autocast:
+            nll, _ = module.token_nll(batch)
+        nll.mean().backward()
+    peak = {getattr(k, "name", k): v for k, v in tracker.get_tracker_snapshot("peak")[device].items()}
+    return int(peak["Total"] - peak["PARAM"] - peak["BUFFER"])
 
 
 def partition_report(model) -> dict:
