@@ -34,17 +34,19 @@ ARCH = {  # hidden 512 with BiLLa's vocabulary: the loss dominates a step's acti
 VOCAB = 46_943
 
 
-def bare_module(loss_chunk_tokens: int):
-    """billa's LightningModule around ``ARCH`` at ``VOCAB`` rows (no optimizer or schedule: a benchmark steps it)."""
+def bare_module(loss_chunk_tokens: int, model: dict | None = None, vocab_size: int = VOCAB, **hparams):
+    """billa's LightningModule around ``model`` (default: ``ARCH``, random init) at ``vocab_size`` rows; no optimizer
+    or schedule: a benchmark steps it. ``hparams``: more ``BillaLM`` arguments (``gradient_checkpointing``)."""
     from billa.model.module import BillaLM
 
     return BillaLM(
-        model={"architecture": ARCH, "pretrained_path": None},
-        vocab_size=VOCAB,
+        model=model or {"architecture": ARCH, "pretrained_path": None},
+        vocab_size=vocab_size,
         optimizer={},
         scheduler={},
         total_steps=1,
         loss_chunk_tokens=loss_chunk_tokens,
+        **hparams,
     )
 
 

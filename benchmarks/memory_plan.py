@@ -17,22 +17,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from loss_memory import bare_module  # noqa: E402 - billa's module as the other memory benchmarks build it (this folder)
+
 
 def _module(arch: dict, vocab: int, checkpointing: bool, chunk: int, dropout: float, device: str):
     import torch
 
-    from billa.model.module import BillaLM
-
     torch.manual_seed(0)
-    module = BillaLM(
-        model={"architecture": arch, "pretrained_path": None, "residual_dropout": dropout, "kernels": "torch"},
-        vocab_size=vocab,
-        optimizer={},
-        scheduler={},
-        total_steps=1,
-        loss_chunk_tokens=chunk,
-        gradient_checkpointing=checkpointing,
-    )
+    model = {"architecture": arch, "pretrained_path": None, "residual_dropout": dropout, "kernels": "torch"}
+    module = bare_module(chunk, model, vocab, gradient_checkpointing=checkpointing)
     module.configure_model()
     return module.to(device)
 

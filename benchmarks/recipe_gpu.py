@@ -128,20 +128,30 @@ def stage_overrides(args: argparse.Namespace, facts: dict, stage: str, run_dir: 
     return [*common, *hardware, *(f"model.architecture.{key}={value}" for key, value in shape.items())]
 
 
+def start_train(overrides: list[str], out, new_session: bool = False) -> subprocess.Popen:
+    """``python train.py`` from the repository root, its output (stdout and stderr) to the open file ``out``."""
+    return subprocess.Popen(
+        [sys.executable, "train.py", *overrides],
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=new_session,
+    )
+
+
 def train(overrides: list[str], log: Path, timeout: float) -> str:
     """``python train.py`` to completion; its output goes to ``log`` and is returned."""
     with log.open("a") as out:
-        result = subprocess.run(
-            [sys.executable, "train.py", *overrides],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        )
+        proc = start_train(overrides, out)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
     text = log.read_text()
-    if result.returncode != 0:
-        sys.exit(f"train.py exited {result.returncode}; its log: {log}\n{text[-4000:]}")
+    if returncode != 0:
+        sys.exit(f"train.py exited {returncode}; its log: {log}\n{text[-4000:]}")
     return text
 
 
@@ -149,13 +159,7 @@ def kill_after_first_checkpoint(overrides: list[str], run_dir: Path, log: Path, 
     """Start ``python train.py`` in its own process group; SIGKILL every rank once step 1's checkpoint is complete."""
     marker = run_dir / "checkpoints" / "step=000001.ckpt" / "COMPLETE"
     with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "train.py", *overrides],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = start_train(overrides, out, new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while not marker.exists():
